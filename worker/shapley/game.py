@@ -1,0 +1,218 @@
+"""A trained model on an evaluation set, seen as a cooperative game of its neurons.
+
+:class:`NeuronGame` is what the estimator plays: it draws evaluation batches,
+runs the prefix of the model once per batch, and returns the metric of many
+coalitions per forward pass. It owns every tensor it touches, on one device,
+so the estimator's loop never moves data between host and device except the
+M metric values it reads back per pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from .data import EvalData
+from .errors import ModelError, SpecError
+from .masking import MaskedModel, build_masked_model, probe, record_sites
+from .metrics import Metric, MetricSpec
+from .players import Layer, find_layers, select_layers
+
+__all__ = ["NeuronGame", "Sample", "ABLATIONS"]
+
+ABLATIONS = ("zero", "mean")
+_CHUNK = 512  # examples per forward pass when a whole set is run (intact outputs, means, full values)
+
+
+@dataclass
+class Sample:
+    """Evaluation batches of one round: ``lane_rows[l]`` are the frontier rows of lane ``l``'s batch."""
+
+    frontier: tuple[torch.Tensor, ...]
+    lane_rows: torch.Tensor  # [lanes, B] on the device
+    labels: torch.Tensor  # [lanes, B]
+    groups: torch.Tensor | None  # [lanes, B]
+
+
+class NeuronGame:
+    """The neurons of ``layers`` (names or globs; default every hidden conv/linear layer) as players.
+
+    Args:
+        model: graph from :func:`worker.shapley.loading.load_model`.
+        data: evaluation set.
+        metric: what a coalition is worth.
+        layers: layer names or globs; ``None`` for every layer but the output layer.
+        ablation: ``"zero"`` or ``"mean"`` (the channel's mean activation on the intact model).
+        batch_size: examples per evaluation batch; the whole set when it is smaller.
+        device: where to run; the GPU when there is one.
+        cache_prefix: run the part of the model before the first mask once per batch.
+        memory_bytes: activation memory one forward pass may use; bounds coalitions per pass.
+    """
+
+    def __init__(
+        self,
+        model: torch.fx.GraphModule,
+        data: EvalData,
+        metric: MetricSpec,
+        layers: list[str] | None = None,
+        ablation: str = "zero",
+        batch_size: int = 128,
+        device: str | torch.device | None = None,
+        cache_prefix: bool = True,
+        memory_bytes: int | None = None,
+    ) -> None:
+        if ablation not in ABLATIONS:
+            raise SpecError(f"Unknown ablation {ablation!r}; choose 'zero' or 'mean'.")
+        if batch_size < 1:
+            raise SpecError(f"batch_size must be at least 1, not {batch_size}.")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.ablation = ablation
+        self.layers: list[Layer] = select_layers(find_layers(model), layers)
+
+        example = data.inputs[:8]
+        scores = _single_output(model, example)
+        self.n_classes = int(scores.shape[1])
+        probabilities = bool((scores >= 0).all() and torch.allclose(scores.sum(1), torch.ones(len(scores)), atol=1e-4))
+        self.metric = Metric(metric, data, self.n_classes, probabilities)
+
+        fills = self._mean_fills(model, data) if ablation == "mean" else None
+        self.model: MaskedModel = build_masked_model(model, self.layers, example, fills, cache_prefix).to(self.device)
+        self.data = self.metric.restrict(data)
+        self._inputs = self.data.inputs.to(self.device)
+        self._labels = self.data.labels.to(self.device)
+        self._groups = None if self.data.groups is None else self.data.groups.to(self.device)
+        self._strata = self.metric.strata(self.data)
+        self.batch_size = min(batch_size, len(self.data))
+        self._whole: Sample | None = None
+        budget = memory_bytes or (1 << 30 if self.device.type == "cpu" else 8 << 30)
+        self.max_coalitions_per_pass = max(1, budget // (_bytes_per_row(model, example) * self.batch_size))
+
+    @property
+    def n_players(self) -> int:
+        return self.model.n_players
+
+    @property
+    def value_range(self) -> float | None:
+        return self.metric.value_range
+
+    @property
+    def rows_per_coalition(self) -> int:
+        return self.batch_size
+
+    def player_names(self) -> list[tuple[str, int]]:
+        """(layer, channel index) of every player, in player order."""
+        return [(layer.name, i) for layer in self.layers for i in range(layer.size)]
+
+    def describe(self) -> dict:
+        """What a result needs to say about the game that produced it."""
+        return {
+            "metric": self.metric.spec.describe(),
+            "ablation": self.ablation,
+            "removal_point": "after the BatchNorm/activation chain that only the neuron feeds",
+            "layers": [{"name": l.name, "kind": l.kind, "neurons": l.size} for l in self.layers],
+            "examples": len(self.data),
+            "batch_size": self.batch_size,
+            "outputs_are_probabilities": self.metric.outputs_are_probabilities,
+        }
+
+    @torch.inference_mode()
+    def sample(self, generator: torch.Generator, lanes: int) -> Sample:
+        """Draw one evaluation batch per lane (without replacement) and run their prefix."""
+        n, b = len(self.data), self.batch_size
+        if b == n:  # every batch is the whole set: its prefix is computed once per run
+            if self._whole is None:
+                self._whole = self._prepare(torch.arange(n).unsqueeze(0))
+            rows = self._whole.lane_rows.expand(lanes, b)
+            return Sample(self._whole.frontier, rows, self._labels[rows], None if self._groups is None else self._groups[rows])
+        picks = torch.stack([self._draw(generator) for _ in range(lanes)])
+        return self._prepare(picks)
+
+    @torch.inference_mode()
+    def evaluate(self, sample: Sample, masks: torch.Tensor, lanes: torch.Tensor) -> torch.Tensor:
+        """Metric values (float64, CPU) of coalitions ``masks`` (``[M, n]`` bool) on their lanes' batches."""
+        lanes = lanes.to(self.device)
+        rows = sample.lane_rows[lanes].reshape(-1)
+        masks = masks.to(self.device, self._inputs.dtype)
+        out = self.model.run(sample.frontier, rows, masks).reshape(masks.shape[0], self.batch_size, -1)
+        groups = None if sample.groups is None else sample.groups[lanes]
+        return self.metric(out, sample.labels[lanes], groups).cpu()
+
+    @torch.inference_mode()
+    def full_values(self, masks: torch.Tensor) -> torch.Tensor:
+        """Metric of coalitions ``masks`` on the whole (restricted) evaluation set, for checks and ablations."""
+        masks = masks.to(self.device, self._inputs.dtype)
+        outs = []
+        step = max(1, _CHUNK // max(1, masks.shape[0]))
+        for start in range(0, len(self.data), step):
+            x = self._inputs[start : start + step]
+            rows = torch.arange(x.shape[0], device=self.device).repeat(masks.shape[0])
+            outs.append(self.model.run(self.model.prefix(x), rows, masks).reshape(masks.shape[0], x.shape[0], -1))
+        out = torch.cat(outs, 1)
+        labels = self._labels.expand(masks.shape[0], -1)
+        groups = None if self._groups is None else self._groups.expand(masks.shape[0], -1)
+        return self.metric(out, labels, groups).cpu()
+
+    def _prepare(self, picks: torch.Tensor) -> Sample:
+        lanes, b = picks.shape
+        flat = picks.reshape(-1).to(self.device)
+        frontier = self.model.prefix(self._inputs[flat])
+        rows = torch.arange(lanes * b, device=self.device).reshape(lanes, b)
+        return Sample(frontier, rows, self._labels[flat].reshape(lanes, b),
+                      None if self._groups is None else self._groups[flat].reshape(lanes, b))
+
+    def _draw(self, generator: torch.Generator) -> torch.Tensor:
+        """One batch; with strata (group metrics) every group gets its share, at least one example."""
+        n, b = len(self.data), self.batch_size
+        if self._strata is None:
+            return torch.randperm(n, generator=generator)[:b]
+        ids = torch.unique(self._strata)
+        members = [torch.nonzero(self._strata == g).squeeze(1) for g in ids]
+        sizes = torch.tensor([len(m) for m in members], dtype=torch.float64)
+        counts = torch.clamp((sizes * b / n).floor().long(), min=1)
+        while counts.sum() < b:  # give the remainder to the groups furthest below their share
+            short = sizes * b / n - counts
+            short[counts >= sizes.long()] = -float("inf")
+            counts[int(short.argmax())] += 1
+        while counts.sum() > b:
+            counts[int(counts.argmax())] -= 1
+        return torch.cat([m[torch.randperm(len(m), generator=generator)[:c]] for m, c in zip(members, counts)])
+
+    def _mean_fills(self, model: torch.fx.GraphModule, data: EvalData) -> dict[str, torch.Tensor]:
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        with torch.inference_mode():
+            for start in range(0, len(data), _CHUNK):
+                acts = record_sites(model, self.layers, data.inputs[start : start + _CHUNK])
+                for layer in self.layers:
+                    a = acts[layer.name]
+                    channel = layer.channel_dim % a.ndim
+                    sums[layer.name] = sums.get(layer.name, 0) + a.double().sum([d for d in range(a.ndim) if d != channel])
+                    counts[layer.name] = counts.get(layer.name, 0) + a.numel() // a.shape[channel]
+        return {name: (total / counts[name]).float() for name, total in sums.items()}
+
+
+def _single_output(model: torch.fx.GraphModule, example: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        probe(model, example)  # its error message explains a shape mismatch
+        out = model(example)
+    while isinstance(out, (tuple, list)) and len(out) == 1:
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] < 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(
+            f"The model's output has shape {shape}; the metrics need class scores of shape [batch, classes] "
+            "(logits, log-probabilities or probabilities) with at least two classes."
+        )
+    if not torch.isfinite(out).all():
+        raise ModelError("The model outputs NaN or infinite scores on the evaluation data; check the model and the inputs' scaling.")
+    return out
+
+
+def _bytes_per_row(model: torch.fx.GraphModule, example: torch.Tensor) -> int:
+    """Rough activation memory of one example: the three largest per-example tensors, with headroom."""
+    x = example[torch.arange(2) % example.shape[0]]
+    shapes = probe(model, x).shapes.values()
+    sizes = sorted((s.numel() // 2 for s in shapes if s is not None and len(s) > 0 and s[0] == 2), reverse=True)
+    return max(1, 4 * 4 * sum(sizes[:3]))

@@ -1,0 +1,69 @@
+"""Per-player statistics of sampled marginal contributions, as mergeable sums.
+
+Counts, sums and sums of squares (float64) plus the smallest and largest
+marginal seen: two runs' statistics combine exactly by adding (and min/max),
+which is what makes checkpoints, resumes and several workers agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PlayerStats"]
+
+
+@dataclass
+class PlayerStats:
+    count: torch.Tensor  # int64 [n]
+    total: torch.Tensor  # float64 [n]
+    total_sq: torch.Tensor  # float64 [n]
+    low: torch.Tensor  # float64 [n], +inf before any sample
+    high: torch.Tensor  # float64 [n], -inf before any sample
+
+    @classmethod
+    def empty(cls, n: int) -> "PlayerStats":
+        return cls(
+            count=torch.zeros(n, dtype=torch.int64),
+            total=torch.zeros(n, dtype=torch.float64),
+            total_sq=torch.zeros(n, dtype=torch.float64),
+            low=torch.full((n,), float("inf"), dtype=torch.float64),
+            high=torch.full((n,), float("-inf"), dtype=torch.float64),
+        )
+
+    def add(self, players: torch.Tensor, marginals: torch.Tensor) -> None:
+        """Record one marginal per listed player (each player at most once per call)."""
+        marginals = marginals.to(torch.float64)
+        self.count.index_add_(0, players, torch.ones_like(players))
+        self.total.index_add_(0, players, marginals)
+        self.total_sq.index_add_(0, players, marginals * marginals)
+        self.low[players] = torch.minimum(self.low[players], marginals)
+        self.high[players] = torch.maximum(self.high[players], marginals)
+
+    def merge(self, other: "PlayerStats") -> "PlayerStats":
+        return PlayerStats(
+            self.count + other.count,
+            self.total + other.total,
+            self.total_sq + other.total_sq,
+            torch.minimum(self.low, other.low),
+            torch.maximum(self.high, other.high),
+        )
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count.clamp_min(1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased sample variance; 0 below two samples."""
+        n = self.count.to(torch.float64)
+        var = (self.total_sq - self.total * self.total / n.clamp_min(1)) / (n - 1).clamp_min(1)
+        return var.clamp_min(0.0)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"count": self.count, "total": self.total, "total_sq": self.total_sq, "low": self.low, "high": self.high}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "PlayerStats":
+        return cls(**{k: state[k].clone() for k in ("count", "total", "total_sq", "low", "high")})

@@ -1,0 +1,414 @@
+"""TMAB-Shapley: truncated Monte Carlo permutation sampling with a multi-armed bandit.
+
+Ghorbani & Zou, "Neuron Shapley", NeurIPS 2020; ``shared/docs/ESTIMATOR.md``
+states the method. The estimator plays any :class:`Game` (the neurons of a
+model, or a synthetic game in the tests) and knows nothing of models.
+
+Work is done in *rounds*: ``lanes`` permutations walk side by side, each on
+its own evaluation batch, and their coalitions share forward passes. Between
+rounds the bounds and the active set are updated, the progress callback runs,
+and the state is a checkpoint. A run stopped in the middle of a round drops
+that round, so a checkpoint always sits at a round boundary and a resumed run
+replays exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Protocol
+
+import torch
+
+from .bounds import BOUNDS, half_widths
+from .errors import SpecError
+from .stats import PlayerStats
+
+__all__ = ["Game", "TMABConfig", "Progress", "Estimate", "run_tmab", "MODES"]
+
+MODES = ("top", "bottom", "all")
+_CHECKPOINT_VERSION = 1
+
+
+class Game(Protocol):
+    """What the estimator needs of a cooperative game."""
+
+    n_players: int
+    value_range: float | None  # width of the metric's range; None if unbounded
+    max_coalitions_per_pass: int
+    rows_per_coalition: int  # examples behind one coalition's value: the unit of forward work
+
+    def sample(self, generator: torch.Generator, lanes: int) -> Any:
+        """Draw one evaluation batch per lane and precompute what its coalitions share."""
+
+    def evaluate(self, sample: Any, masks: torch.Tensor, lanes: torch.Tensor) -> torch.Tensor:
+        """Values (float64, CPU) of coalitions ``masks`` (``[M, n]`` bool), each on the batch of ``lanes[m]``."""
+
+
+@dataclass(frozen=True)
+class TMABConfig:
+    """Settings of one run; the defaults are the ones ``bench/`` led to.
+
+    Args:
+        mode: ``top`` (find the ``top_k`` most helpful), ``bottom`` (the most
+            harmful) or ``all`` (every value to ``half_width``).
+        top_k: how many players ``top``/``bottom`` must separate from the rest.
+        delta: error level of all intervals together (union bound).
+        epsilon: near-tie tolerance: a player within ``epsilon`` of the
+            threshold counts as decided, either answer being acceptable.
+        half_width: target interval half-width for ``mode="all"``.
+        bound: ``normal``, ``bernstein`` or ``bernstein_observed`` (:mod:`.bounds`).
+        truncation: stop a walk once the value stays within this fraction of
+            ``|V(all) − V(∅)|`` of ``V(∅)``; 0 disables truncation (unbiased).
+        patience: consecutive evaluated steps within that band before truncating.
+        min_samples: no player is decided before this many samples.
+        lanes: permutations walked side by side, sharing forward passes.
+        coalitions_per_pass: cap on coalitions per forward pass (the game also caps it by memory).
+        seed: the whole run is a function of it.
+        max_iterations, max_evaluations, max_seconds: budgets; a run stops at
+            the first reached (evaluation budget checked between rounds).
+    """
+
+    mode: str = "top"
+    top_k: int = 10
+    delta: float = 0.05
+    epsilon: float = 0.005
+    half_width: float = 0.01
+    bound: str = "normal"
+    truncation: float = 0.1
+    patience: int = 5
+    min_samples: int = 10
+    lanes: int = 4
+    coalitions_per_pass: int = 64
+    seed: int = 0
+    max_iterations: int | None = None
+    max_evaluations: int | None = None
+    max_seconds: float | None = None
+
+    def validate(self, n_players: int) -> None:
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.mode in ("top", "bottom") and not 1 <= self.top_k < n_players:
+            problems.append(f"top_k must be between 1 and {n_players - 1} (the game has {n_players} players), not {self.top_k}")
+        if not 0.0 < self.delta < 1.0:
+            problems.append(f"delta must be in (0, 1), not {self.delta}")
+        if self.epsilon < 0.0:
+            problems.append(f"epsilon must be 0 or more, not {self.epsilon}")
+        if self.half_width <= 0.0:
+            problems.append(f"half_width must be positive, not {self.half_width}")
+        if self.bound not in BOUNDS:
+            problems.append(f"bound must be one of {', '.join(BOUNDS)}, not {self.bound!r}")
+        if not 0.0 <= self.truncation < 1.0:
+            problems.append(f"truncation must be in [0, 1), not {self.truncation}")
+        for name in ("patience", "lanes", "coalitions_per_pass"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.min_samples < 0:
+            problems.append(f"min_samples must be 0 or more, not {self.min_samples}")
+        for name in ("max_iterations", "max_evaluations", "max_seconds"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"{name} must be positive when given, not {value}")
+        if problems:
+            raise SpecError("Invalid estimator settings: " + "; ".join(problems) + ".")
+
+
+@dataclass
+class Estimate:
+    """Current (or final) estimates with their bounds."""
+
+    values: torch.Tensor  # float64 [n]
+    lower: torch.Tensor
+    upper: torch.Tensor
+    samples: torch.Tensor  # int64 [n]
+    status: list[str]  # top | bottom | out | decided | undecided
+    iterations: int
+    evaluations: int
+    rows: int  # coalitions × examples run through the model: the forward work
+    elapsed_s: float
+    v_full: float | None
+    v_empty: float | None
+    stop_reason: str | None  # converged | max_iterations | max_evaluations | max_seconds | stopped
+    config: TMABConfig
+
+
+@dataclass
+class Progress:
+    """Handed to the progress callback after every round."""
+
+    estimate: Estimate
+    undecided: int
+    _state: "_State" = field(repr=False)
+
+    def checkpoint(self) -> bytes:
+        """The run's state at this round boundary; :func:`run_tmab` resumes from it."""
+        return self._state.to_bytes()
+
+
+@dataclass
+class _State:
+    config: TMABConfig
+    stats: PlayerStats
+    rng: torch.Tensor
+    iterations: int = 0
+    evaluations: int = 0
+    rows: int = 0
+    elapsed_s: float = 0.0
+    v_full_sum: float = 0.0
+    v_empty_sum: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "version": _CHECKPOINT_VERSION,
+                "config": asdict(self.config),
+                "stats": self.stats.state(),
+                "rng": self.rng,
+                "counters": [self.iterations, self.evaluations, self.rows],
+                "sums": [self.elapsed_s, self.v_full_sum, self.v_empty_sum],
+            },
+            buf,
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "_State":
+        try:
+            raw = torch.load(io.BytesIO(data), weights_only=True)
+            if raw.get("version") != _CHECKPOINT_VERSION:
+                raise ValueError(f"version {raw.get('version')}")
+            iterations, evaluations, rows = raw["counters"]
+            elapsed, v_full_sum, v_empty_sum = raw["sums"]
+            return cls(TMABConfig(**raw["config"]), PlayerStats.from_state(raw["stats"]), raw["rng"],
+                       iterations, evaluations, rows, elapsed, v_full_sum, v_empty_sum)
+        except Exception as exc:
+            raise SpecError(f"The checkpoint cannot be read ({type(exc).__name__}: {exc}); start the run afresh.") from exc
+
+
+def run_tmab(
+    game: Game,
+    config: TMABConfig | None = None,
+    *,
+    resume_from: bytes | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Estimate:
+    """Estimate the Shapley value of every player of ``game``.
+
+    Args:
+        game: the game to play.
+        config: settings; ignored when resuming, except for the budgets, which
+            the caller may change.
+        resume_from: bytes from :meth:`Progress.checkpoint`.
+        on_progress: called after every round (throttle inside if it is costly).
+        should_stop: polled between forward passes; returning True ends the run
+            with the estimates of the last whole round (``stop_reason="stopped"``).
+    """
+    config = config or TMABConfig()
+    if resume_from is not None:
+        state = _State.from_bytes(resume_from)
+        state.config = replace(state.config, max_iterations=config.max_iterations,
+                               max_evaluations=config.max_evaluations, max_seconds=config.max_seconds)
+        if state.stats.count.numel() != game.n_players:
+            raise SpecError(f"The checkpoint is for {state.stats.count.numel()} players, the game has {game.n_players}.")
+    else:
+        config.validate(game.n_players)
+        generator = torch.Generator().manual_seed(config.seed)
+        state = _State(config, PlayerStats.empty(game.n_players), generator.get_state())
+    return _Runner(game, state, on_progress, should_stop).run()
+
+
+class _Runner:
+    def __init__(self, game: Game, state: _State, on_progress, should_stop) -> None:
+        self.game, self.state = game, state
+        self.cfg = state.config
+        self.on_progress = on_progress
+        self.should_stop = should_stop or (lambda: False)
+        self.generator = torch.Generator()
+        self.generator.set_state(state.rng)
+        self.started = time.monotonic() - state.elapsed_s
+        self.per_pass = max(1, min(self.cfg.coalitions_per_pass, game.max_coalitions_per_pass))
+
+    def run(self) -> Estimate:
+        active = self._active()
+        while True:
+            reason = self._budget_reached(active)
+            if reason:
+                return self._estimate(reason)
+            lanes = self.cfg.lanes
+            if self.cfg.max_iterations is not None:
+                lanes = min(lanes, self.cfg.max_iterations - self.state.iterations)
+            if not self._round(lanes, active):
+                return self._estimate("max_seconds" if self._out_of_time() else "stopped")
+            active = self._active()
+            if self.on_progress is not None:
+                self.on_progress(Progress(self._estimate(None), int(active.sum()), self.state))
+
+    def _budget_reached(self, active: torch.Tensor) -> str | None:
+        cfg, st = self.cfg, self.state
+        if not bool(active.any()):
+            return "converged"
+        if cfg.max_iterations is not None and st.iterations >= cfg.max_iterations:
+            return "max_iterations"
+        if cfg.max_evaluations is not None and st.evaluations >= cfg.max_evaluations:
+            return "max_evaluations"
+        if self._out_of_time():
+            return "max_seconds"
+        if self.should_stop():
+            return "stopped"
+        return None
+
+    def _out_of_time(self) -> bool:
+        return self.cfg.max_seconds is not None and time.monotonic() - self.started >= self.cfg.max_seconds
+
+    def _round(self, lanes: int, active: torch.Tensor) -> bool:
+        """Walk ``lanes`` permutations; commit their marginals, or return False if interrupted."""
+        n, cfg = self.game.n_players, self.cfg
+        perms = torch.stack([torch.randperm(n, generator=self.generator) for _ in range(lanes)])
+        sample = self.game.sample(self.generator, lanes)
+        rank = torch.empty_like(perms)
+        rank.scatter_(1, perms, torch.arange(n).expand(lanes, n))
+        walks = [_Walk(perms[l], active, cfg) for l in range(lanes)]
+
+        # The first pass also values the full and the empty coalition of every lane.
+        ends = torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)]).repeat(lanes, 1)
+        pending_ends = True
+        evaluations = rows = 0
+        while pending_ends or any(not w.done for w in walks):
+            if self.should_stop() or self._out_of_time():
+                return False
+            open_walks = [l for l, w in enumerate(walks) if not w.done]
+            share = max(1, self.per_pass // max(1, len(open_walks)))
+            masks, lane_ids, steps_taken = [], [], []
+            if pending_ends:
+                masks.append(ends)
+                lane_ids.append(torch.arange(lanes).repeat_interleave(2))
+            for l in open_walks:
+                steps = walks[l].next_steps(share)
+                steps_taken.append((l, steps))
+                masks.append(rank[l].unsqueeze(0) >= steps.unsqueeze(1))
+                lane_ids.append(torch.full((len(steps),), l))
+            masks_t, lane_t = torch.cat(masks), torch.cat(lane_ids)
+            values = self.game.evaluate(sample, masks_t, lane_t)
+            evaluations += len(values)
+            rows += len(values) * self.game.rows_per_coalition
+            at = 0
+            if pending_ends:
+                for l, w in enumerate(walks):
+                    w.set_ends(float(values[2 * l]), float(values[2 * l + 1]))
+                at, pending_ends = 2 * lanes, False
+            for l, steps in steps_taken:
+                walks[l].record(steps, values[at : at + len(steps)])
+                at += len(steps)
+
+        st = self.state
+        for w in walks:
+            players, marginals = w.marginals()
+            st.stats.add(players, marginals)
+            st.v_full_sum += w.v_full
+            st.v_empty_sum += w.v_empty
+        st.iterations += lanes
+        st.evaluations += evaluations
+        st.rows += rows
+        st.elapsed_s = time.monotonic() - self.started
+        st.rng = self.generator.get_state()
+        return True
+
+    def _bounds(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        stats = self.state.stats
+        mean = stats.mean
+        width = half_widths(stats, self.cfg.bound, self.cfg.delta, self.game.value_range)
+        return mean, mean - width, mean + width
+
+    def _active(self) -> torch.Tensor:
+        """Players whose place relative to the threshold is still undecided."""
+        cfg, stats = self.cfg, self.state.stats
+        mean, lower, upper = self._bounds()
+        young = stats.count < cfg.min_samples
+        if cfg.mode == "all":
+            return young | ((upper - lower) / 2 > cfg.half_width)
+        theta = _threshold(mean, cfg)
+        return young | ((lower + cfg.epsilon < theta) & (theta < upper - cfg.epsilon))
+
+    def _estimate(self, reason: str | None) -> Estimate:
+        st, cfg = self.state, self.cfg
+        mean, lower, upper = self._bounds()
+        active = self._active()
+        status = ["undecided" if a else "decided" for a in active.tolist()]
+        if cfg.mode in ("top", "bottom"):
+            order = torch.argsort(mean, descending=cfg.mode == "top", stable=True)
+            chosen = set(order[: cfg.top_k].tolist())
+            for i in range(len(status)):
+                if status[i] == "decided":
+                    status[i] = cfg.mode if i in chosen else "out"
+        its = st.iterations
+        return Estimate(
+            values=mean, lower=lower, upper=upper, samples=st.stats.count.clone(), status=status,
+            iterations=its, evaluations=st.evaluations, rows=st.rows, elapsed_s=st.elapsed_s,
+            v_full=st.v_full_sum / its if its else None, v_empty=st.v_empty_sum / its if its else None,
+            stop_reason=reason, config=cfg,
+        )
+
+
+def _threshold(mean: torch.Tensor, cfg: TMABConfig) -> float:
+    """The (k+1)-th largest mean (``top``) or (k+1)-th smallest (``bottom``)."""
+    ordered = torch.sort(mean, descending=cfg.mode == "top").values
+    return float(ordered[cfg.top_k])
+
+
+class _Walk:
+    """One permutation's walk from the full coalition down to the empty one.
+
+    Step ``j`` is the coalition without the first ``j`` players of the
+    permutation. Only the steps that an active player's marginal needs are
+    evaluated; inactive players are removed without a forward pass.
+    """
+
+    def __init__(self, perm: torch.Tensor, active: torch.Tensor, cfg: TMABConfig) -> None:
+        n = perm.numel()
+        self.perm, self.cfg, self.n = perm, cfg, n
+        self.positions = torch.nonzero(active[perm]).squeeze(1) + 1  # steps that remove an active player
+        needed = torch.unique(torch.cat([self.positions - 1, self.positions]))
+        self.needed = needed[(needed > 0) & (needed < n)]
+        self.values = torch.full((n + 1,), float("nan"), dtype=torch.float64)
+        self.next = 0
+        self.run = 0
+        self.truncated_at: int | None = None
+        self.v_full = self.v_empty = float("nan")
+
+    @property
+    def done(self) -> bool:
+        return self.truncated_at is not None or self.next >= len(self.needed)
+
+    def next_steps(self, count: int) -> torch.Tensor:
+        steps = self.needed[self.next : self.next + count]
+        self.next += len(steps)
+        return steps
+
+    def set_ends(self, v_full: float, v_empty: float) -> None:
+        self.v_full, self.v_empty = v_full, v_empty
+        self.values[0], self.values[self.n] = v_full, v_empty
+
+    def record(self, steps: torch.Tensor, values: torch.Tensor) -> None:
+        """Store evaluated steps in order, truncating once the value has sat near V(∅) long enough."""
+        band = self.cfg.truncation * abs(self.v_full - self.v_empty)
+        for step, value in zip(steps.tolist(), values.tolist()):
+            if self.truncated_at is not None:
+                return  # evaluated in the same pass as the truncation point: not used
+            self.values[step] = value
+            if self.cfg.truncation > 0:
+                self.run = self.run + 1 if abs(value - self.v_empty) <= band else 0
+                if self.run >= self.cfg.patience:
+                    self.truncated_at = step
+
+    def marginals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(players, marginal contributions) of this walk's active players."""
+        pos = self.positions
+        marg = self.values[pos - 1] - self.values[pos]
+        if self.truncated_at is not None:
+            marg = torch.where(pos > self.truncated_at, torch.zeros_like(marg), marg)
+        return self.perm[pos - 1], marg
