@@ -1,0 +1,856 @@
+"""Convert an ONNX model into a ``torch.fx.GraphModule``.
+
+The Shapley estimator treats every output channel of a conv and every output
+unit of a linear layer as a player, and switches players off by rewriting the
+model's FX graph so that a mask follows the layer.  Users often hand us ONNX
+files, so those have to become FX graphs whose conv/linear layers are plain
+``torch.nn.functional`` calls carrying the layer name the user knows from the
+PyTorch model.
+
+We do not use onnx2torch because it imports torchvision, which does not load
+beside our torch wheel.  Building the graph by hand (rather than tracing a
+module that interprets ONNX) also lets us decide what each node looks like:
+weights become ``get_attr`` nodes, a ``Gemm``/``MatMul`` with a constant weight
+becomes ``F.linear`` with the weight pre-transposed at load time, and shape
+arithmetic stays in the graph so that the batch size is never baked in.
+"""
+
+from __future__ import annotations
+
+import ast
+import keyword
+import math
+import os
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import onnx
+import onnx.checker
+import onnx.external_data_helper
+import onnx.helper
+import onnx.numpy_helper
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from worker.shapley.errors import ModelError
+
+__all__ = ["onnx_to_graph_module"]
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_MIN_OPSET = 11
+_NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+_REEXPORT_HINT = (
+    "re-export the model with torch.onnx.export using standard ONNX operators, "
+    "or upload a torch.export .pt2 archive instead"
+)
+
+_DTYPES = {
+    onnx.TensorProto.FLOAT: torch.float32,
+    onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.FLOAT16: torch.float16,
+    onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.INT8: torch.int8,
+    onnx.TensorProto.INT16: torch.int16,
+    onnx.TensorProto.INT32: torch.int32,
+    onnx.TensorProto.INT64: torch.int64,
+    onnx.TensorProto.UINT8: torch.uint8,
+    onnx.TensorProto.BOOL: torch.bool,
+}
+
+# Functional ops indexed by the number of spatial dimensions.
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def onnx_to_graph_module(source: str | os.PathLike | bytes) -> torch.fx.GraphModule:
+    """Load an ONNX model (path or serialized bytes) as an FX ``GraphModule``.
+
+    The module takes the model's single input tensor and returns its single
+    output tensor for any batch size.  Each conv and linear layer is one
+    ``F.conv{1,2,3}d`` / ``F.linear`` node with ``meta["layer"]`` (a unique,
+    user-recognisable name) and ``meta["layer_kind"]`` (``"conv"`` or
+    ``"linear"``), so the estimator can find the players and insert masks.
+
+    Raises ``ModelError`` for anything we cannot faithfully convert, with a
+    message that says how to re-export the model, because a silently wrong
+    graph would produce silently wrong Shapley values.
+    """
+    model, label = _load(source)
+    _validate(model, label)
+    return _Builder(model).build()
+
+
+# --------------------------------------------------------------------------
+# Loading and validation: every refusal names the problem and the fix.
+
+
+def _load(source: str | os.PathLike | bytes) -> tuple[onnx.ModelProto, str]:
+    if isinstance(source, (bytes, bytearray)):
+        label = "The uploaded model"
+    else:
+        label = f"The model file {os.fspath(source)!r}"
+        if not os.path.isfile(source):
+            raise ModelError(f"{label} does not exist; check the path.")
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            model = onnx.load_model_from_string(bytes(source))
+        else:
+            # External data is never read: we refuse it below with a fix, and
+            # following paths named inside an uploaded file is unsafe.
+            model = onnx.load(source, load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise ModelError(_not_onnx(label, f"it cannot be parsed: {exc}")) from exc
+    # Random bytes sometimes decode as a valid but empty protobuf message.
+    if not model.ir_version or not model.HasField("graph") or not model.graph.node:
+        raise ModelError(_not_onnx(label, "it has no IR version or no graph nodes"))
+    return model, label
+
+
+def _not_onnx(label: str, why: str) -> str:
+    return (
+        f"{label} is not a valid ONNX model ({why}). It may be truncated or a "
+        "different format; export it with torch.onnx.export(model, (example_input,), "
+        "'model.onnx') and upload that file."
+    )
+
+
+def _validate(model: onnx.ModelProto, label: str) -> None:
+    graph = model.graph
+    tensors = list(graph.initializer) + [
+        a.t for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR
+    ]
+    external = [t.name or "<constant>" for t in tensors if onnx.external_data_helper.uses_external_data(t)]
+    if external:
+        raise ModelError(
+            f"{label} keeps {len(external)} weight tensor(s) in external data files "
+            f"(e.g. {external[0]!r}), which are not uploaded with it. Load it with "
+            "onnx.load(path) and re-save with onnx.save_model(model, 'model.onnx', "
+            "save_as_external_data=False) so the weights are inside the file (or export "
+            "with torch.onnx.export(..., external_data=False))."
+        )
+
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in graph.node if n.domain not in _DEFAULT_DOMAINS})
+    missing = sorted(
+        {n.op_type for n in graph.node if n.domain in _DEFAULT_DOMAINS and n.op_type not in _OPS}
+    )
+    if custom or missing:
+        parts = []
+        if custom:
+            parts.append(f"custom operators outside the standard ONNX domain: {', '.join(custom)}")
+        if missing:
+            parts.append(f"ONNX operators this converter does not support: {', '.join(missing)}")
+        raise ModelError(
+            f"{label} uses {'; and '.join(parts)}. Either {_REEXPORT_HINT}, or replace "
+            "those layers with supported ones."
+        )
+
+    opset = _opset(model)
+    if opset is None or opset < _MIN_OPSET:
+        raise ModelError(
+            f"{label} uses ONNX opset {opset}, older than the supported {_MIN_OPSET}; "
+            f"re-export it with torch.onnx.export(..., opset_version={_MIN_OPSET} or newer)."
+        )
+
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i.name for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ModelError(
+            f"{label} has {len(inputs)} inputs ({', '.join(inputs) or 'none'}), but the "
+            "estimator feeds exactly one tensor. Wrap the model so forward() takes a "
+            "single tensor and re-export it."
+        )
+    if len(graph.output) != 1:
+        raise ModelError(
+            f"{label} has {len(graph.output)} outputs "
+            f"({', '.join(o.name for o in graph.output)}), but the estimator scores "
+            "exactly one. Wrap the model so forward() returns a single tensor (e.g. only "
+            "the logits) and re-export it."
+        )
+
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(_not_onnx(label, f"the ONNX checker rejects it: {exc}")) from exc
+
+
+def _opset(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), None)
+
+
+# --------------------------------------------------------------------------
+# Graph building.
+
+
+class _Builder:
+    """Walks the ONNX nodes in order and emits FX nodes for each."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.onnx_graph = model.graph
+        self.opset = _opset(model)
+        self.root = torch.nn.Module()
+        self.graph = torch.fx.Graph()
+        self.env: dict[str, torch.fx.Node] = {}
+        # Values known at load time (initializers, Constant outputs).  Ops read
+        # shapes, axes and pads from here; they become buffers only when used.
+        self.consts: dict[str, torch.Tensor] = {t.name: _to_tensor(t) for t in model.graph.initializer}
+        self.initializers = set(self.consts)
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in model.graph.node:
+            for name in node.input:
+                self.consumers[name].append(node)
+        self.graph_outputs = {o.name for o in model.graph.output}
+        self.skipped: set[str] = set()  # first outputs of nodes folded into another
+        self.index = 0
+
+    def build(self) -> torch.fx.GraphModule:
+        (name,) = [i.name for i in self.onnx_graph.input if i.name not in self.initializers]
+        self.env[name] = self.graph.placeholder(self._identifier(name))
+        for index, node in enumerate(self.onnx_graph.node):
+            if node.output[0] in self.skipped:
+                continue
+            self.index = index
+            self._check_extra_outputs(node)
+            result = _OPS[node.op_type](self, node)
+            if result is not None:
+                self.env[node.output[0]] = result
+        self.graph.output(self.value(self.onnx_graph.output[0].name))
+        _make_layer_names_unique(self.graph)
+        gm = torch.fx.GraphModule(self.root, self.graph, class_name="OnnxGraphModule")
+        gm.graph.lint()
+        gm.recompile()
+        return gm.eval()
+
+    def _check_extra_outputs(self, node: onnx.NodeProto) -> None:
+        # Every emitter produces only the first output (BatchNorm running
+        # stats, Dropout mask and MaxPool indices are training/debug outputs).
+        for name in node.output[1:]:
+            if name and (self.consumers[name] or name in self.graph_outputs):
+                raise ModelError(
+                    f"{_describe(node)} uses its optional output {name!r}, which this converter "
+                    f"does not support; export the model in eval mode without it, or {_REEXPORT_HINT}."
+                )
+
+    # -- values ----------------------------------------------------------
+
+    def value(self, name: str) -> torch.fx.Node:
+        """FX node for an ONNX value; constants become buffers on first use."""
+        if name not in self.env:
+            if name not in self.consts:
+                raise ModelError(
+                    f"ONNX value {name!r} is used before any node produces it; re-export "
+                    "the model with torch.onnx.export so the graph is topologically sorted."
+                )
+            self.env[name] = self.buffer(self.consts[name], name)
+        return self.env[name]
+
+    def optional(self, node: onnx.NodeProto, i: int) -> torch.fx.Node | None:
+        return self.value(node.input[i]) if _has_input(node, i) else None
+
+    def const(self, node: onnx.NodeProto, i: int) -> torch.Tensor | None:
+        """The load-time value of input ``i``, or None if absent or computed."""
+        return self.consts.get(node.input[i]) if _has_input(node, i) else None
+
+    def const_ints(self, node: onnx.NodeProto, i: int, what: str) -> list[int] | None:
+        """Integer list input (axes, pads...) that must be known at load time."""
+        if not _has_input(node, i):
+            return None
+        tensor = self.consts.get(node.input[i])
+        if tensor is None:
+            raise ModelError(
+                f"{_describe(node)} computes its {what} at run time; only "
+                f"constant {what} are supported. Re-export with static {what}, or {_REEXPORT_HINT}."
+            )
+        return [int(v) for v in tensor.reshape(-1).tolist()]
+
+    def buffer(self, tensor: torch.Tensor, hint: str) -> torch.fx.Node:
+        name = self._identifier(hint)
+        self.root.register_buffer(name, tensor)
+        return self.graph.get_attr(name)
+
+    def _identifier(self, hint: str) -> str:
+        """A Python identifier that clashes with no buffer or Module attribute."""
+        base = re.sub(r"\W", "_", hint).strip("_") or "value"
+        if base[0].isdigit():
+            base = f"v_{base}"
+        name, k = base, 0
+        while keyword.iskeyword(name) or hasattr(self.root, name):
+            k += 1
+            name = f"{base}_{k}"
+        return name
+
+    # -- emission --------------------------------------------------------
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.fx.Node:
+        return self.graph.call_function(fn, args, kwargs)
+
+    def mark_layer(self, fx_node: torch.fx.Node, node: onnx.NodeProto, kind: str) -> None:
+        fx_node.meta["layer"] = self._layer_name(node)
+        fx_node.meta["layer_kind"] = kind
+
+    def _layer_name(self, node: onnx.NodeProto) -> str:
+        """The name the user knows from the PyTorch model, best source first.
+
+        (a) the weight initializer ``<module>.weight`` (dynamo and legacy
+        exporters keep parameter names); (b) the node's torch name-scope
+        metadata (dynamo); (c) a ``/scope/.../Op`` node name (legacy, which
+        renames weights it constant-folds, e.g. conv+BN); (d) the node name;
+        (e) op type and position.
+        """
+        weight = node.input[1]
+        if weight in self.initializers and weight.endswith(".weight") and weight != ".weight":
+            return weight[: -len(".weight")]
+        scopes = next((p.value for p in node.metadata_props if p.key == _NAME_SCOPES_KEY), None)
+        if scopes:
+            try:
+                parsed = ast.literal_eval(scopes)
+            except (ValueError, SyntaxError):
+                parsed = None
+            if isinstance(parsed, list) and (name := _join_scopes([str(s) for s in parsed[:-1]])):
+                return name
+        if node.name.startswith("/") and (name := _join_scopes(node.name.split("/")[:-1])):
+            return name
+        return node.name or f"{node.op_type.lower()}_{self.index}"
+
+
+def _join_scopes(scopes: Sequence[str]) -> str:
+    """Qualified module name from a scope path.
+
+    Exporters mix relative (``conv1``) and already-qualified (``layer1.0``)
+    scope entries: the legacy exporter names a node ``/layer1/layer1.0/conv1/Conv``
+    and dynamo writes ``['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d']``.
+    PyTorch child names never contain dots, so an entry that extends the
+    current prefix with a dot is qualified; anything else is relative.
+    """
+    name = ""
+    for scope in filter(None, scopes):
+        name = scope if not name or scope.startswith(name + ".") else f"{name}.{scope}"
+    return name
+
+
+def _make_layer_names_unique(graph: torch.fx.Graph) -> None:
+    """Suffix repeated layer names with ``_1``, ``_2``...
+
+    Players are addressed by layer name, so two layers sharing one would be
+    indistinguishable.  It happens when a module is called twice (shared
+    weights) or when an exporter scopes two ops alike.  The first occurrence
+    keeps its name so the common case reads like the PyTorch model.
+    """
+    layers = [n for n in graph.nodes if "layer" in n.meta]
+    taken = {n.meta["layer"] for n in layers}
+    seen: set[str] = set()
+    for n in layers:
+        base = n.meta["layer"]
+        if base in seen:
+            k = 1
+            while f"{base}_{k}" in taken:
+                k += 1
+            n.meta["layer"] = f"{base}_{k}"
+            taken.add(n.meta["layer"])
+        seen.add(base)
+
+
+def _describe(node: onnx.NodeProto) -> str:
+    """How error messages point at a node, so the user can find it in Netron."""
+    return f"{node.op_type} node {node.name!r}" if node.name else f"An unnamed {node.op_type} node"
+
+
+def _has_input(node: onnx.NodeProto, i: int) -> bool:
+    return len(node.input) > i and node.input[i] != ""
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    out = {}
+    for a in node.attribute:
+        v = onnx.helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def _to_tensor(proto: onnx.TensorProto) -> torch.Tensor:
+    if proto.data_type not in _DTYPES:
+        raise ModelError(
+            f"Tensor {proto.name!r} has ONNX data type "
+            f"{onnx.TensorProto.DataType.Name(proto.data_type)}, which is not supported; "
+            "re-export the model in float32."
+        )
+    return torch.from_numpy(onnx.numpy_helper.to_array(proto).copy())
+
+
+# --------------------------------------------------------------------------
+# Run-time helpers: called from the generated code where the ONNX semantics
+# depend on the input's shape or rank, which is only known at run time.
+
+# ("explicit", F.pad list) or ("same", kernel, strides, dilations, lower):
+# padding torch cannot express, applied by ``_pad_spatial`` before the op.
+_PadSpec = tuple
+
+
+def _shape(x: torch.Tensor, start: int, end: int | None) -> torch.Tensor:
+    return torch.tensor(x.shape[start:end], dtype=torch.int64, device=x.device)
+
+
+def _reshape(x: torch.Tensor, shape: torch.Tensor | tuple[int, ...], allowzero: int) -> torch.Tensor:
+    dims = shape.tolist() if isinstance(shape, torch.Tensor) else list(shape)
+    if not allowzero:  # ONNX: 0 copies the input's dimension at that position
+        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return x.reshape(dims)
+
+
+def _flatten(x: torch.Tensor, axis: int) -> torch.Tensor:
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+
+
+def _transpose(x: torch.Tensor, perm: tuple[int, ...] | None) -> torch.Tensor:
+    return x.permute(perm if perm is not None else tuple(reversed(range(x.dim()))))
+
+
+def _unsqueeze(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    rank = x.dim() + len(axes)  # negative axes count from the output's end
+    for axis in sorted(a % rank for a in axes):
+        x = x.unsqueeze(axis)
+    return x
+
+
+def _gather(data: torch.Tensor, indices: torch.Tensor, axis: int) -> torch.Tensor:
+    axis %= data.dim()
+    indices = torch.where(indices < 0, indices + data.shape[axis], indices)
+    picked = data.index_select(axis, indices.reshape(-1))
+    return picked.reshape(data.shape[:axis] + indices.shape + data.shape[axis + 1 :])
+
+
+def _slice(
+    x: torch.Tensor, starts: list[int], ends: list[int], axes: list[int], steps: list[int]
+) -> torch.Tensor:
+    index = [slice(None)] * x.dim()
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        index[axis] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.is_floating_point() or b.is_floating_point():
+        return a / b
+    return torch.div(a, b, rounding_mode="trunc")  # ONNX integer Div truncates
+
+
+def _gemm(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, alpha: float, beta: float
+) -> torch.Tensor:
+    y = alpha * (a @ b)
+    return y if c is None else y + beta * c
+
+
+def _coerced_softmax(x: torch.Tensor, axis: int, log: bool) -> torch.Tensor:
+    # Before opset 13 (Log)Softmax flattens the input to 2-D at `axis`.
+    flat = _flatten(x, axis)
+    return (F.log_softmax if log else F.softmax)(flat, dim=1).reshape(x.shape)
+
+
+def _global_pool(x: torch.Tensor, reduce: str) -> torch.Tensor:
+    return getattr(x, reduce)(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+def _pad(x: torch.Tensor, pads: list[int], value: float, axes: list[int] | None) -> torch.Tensor:
+    rank = x.dim()
+    axes = list(range(rank)) if axes is None else [a % rank for a in axes]
+    n = len(axes)
+    begin, end = dict(zip(axes, pads[:n])), dict(zip(axes, pads[n:]))
+    torch_pads = []  # F.pad lists (begin, end) from the last dimension backwards
+    for d in reversed(range(rank)):
+        torch_pads += [begin.get(d, 0), end.get(d, 0)]
+    return F.pad(x, torch_pads, value=value)
+
+
+def _pad_spatial(x: torch.Tensor, spec: _PadSpec, value: float) -> torch.Tensor:
+    """Pad spatial dims per a spec from ``_padding``.
+
+    auto_pad=SAME needs the input size, which is why this runs in the graph.
+    """
+    if spec[0] == "explicit":
+        return F.pad(x, spec[1], value=value)
+    _, kernel, strides, dilations, lower = spec
+    torch_pads: list[int] = []
+    for size, k, s, d in reversed(list(zip(x.shape[2:], kernel, strides, dilations))):
+        total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
+        small, big = total // 2, total - total // 2
+        torch_pads += [big, small] if lower else [small, big]
+    return F.pad(x, torch_pads, value=value)
+
+
+def _avg_pool_excluding_pad(
+    x: torch.Tensor, spec: _PadSpec, kernel: tuple, strides: tuple, ceil_mode: bool
+) -> torch.Tensor:
+    # torch cannot exclude padding it did not add itself; dividing the pooled
+    # input by the pooled "is real data" mask gives sum / real-element count.
+    pool = _AVG_POOL[len(kernel)]
+    ones = torch.ones_like(x[:1, :1])
+    num = pool(_pad_spatial(x, spec, 0.0), kernel, strides, 0, ceil_mode)
+    den = pool(_pad_spatial(ones, spec, 0.0), kernel, strides, 0, ceil_mode)
+    return num / den
+
+
+# --------------------------------------------------------------------------
+# Op emitters: each takes the builder and an ONNX node and returns the FX
+# node for the node's first output (or None when it only records a constant).
+
+_Emitter = Callable[[_Builder, onnx.NodeProto], "torch.fx.Node | None"]
+
+
+def _padding(
+    node: onnx.NodeProto,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    torch_limit: bool,
+) -> tuple[tuple[int, ...], _PadSpec | None]:
+    """Split ONNX padding into torch's symmetric ``padding`` and a pre-pad spec.
+
+    torch convolutions and pools only pad symmetrically (pools at most half
+    the kernel, ``torch_limit``), so asymmetric pads and auto_pad=SAME come
+    back as a spec for ``_pad_spatial`` to apply before the op, with zero
+    ``padding``.
+    """
+    rank = len(kernel)
+    a = _attrs(node)
+    auto_pad = a.get("auto_pad", "NOTSET")
+    if auto_pad == "VALID":
+        return (0,) * rank, None
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return (0,) * rank, (
+            "same",
+            tuple(kernel),
+            tuple(strides),
+            tuple(dilations),
+            auto_pad == "SAME_LOWER",
+        )
+    pads = list(a.get("pads", [0] * 2 * rank))
+    begin, end = pads[:rank], pads[rank:]
+    if begin == end and (not torch_limit or all(p <= k // 2 for p, k in zip(begin, kernel))):
+        return tuple(begin), None
+    torch_pads: list[int] = []
+    for d in reversed(range(rank)):
+        torch_pads += [begin[d], end[d]]
+    return (0,) * rank, ("explicit", tuple(torch_pads))
+
+
+def _conv(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    a = _attrs(node)
+    weight = b.const(node, 1)
+    if "kernel_shape" in a:
+        kernel = list(a["kernel_shape"])
+    elif weight is not None:
+        kernel = list(weight.shape[2:])
+    else:
+        raise ModelError(
+            f"{_describe(node)} has neither kernel_shape nor a constant weight; {_REEXPORT_HINT}."
+        )
+    rank = len(kernel)
+    strides, dilations = a.get("strides", [1] * rank), a.get("dilations", [1] * rank)
+    x = b.value(node.input[0])
+    padding, spec = _padding(node, kernel, strides, dilations, torch_limit=False)
+    if spec is not None:
+        x = b.call(_pad_spatial, x, spec, 0.0)
+    out = b.call(
+        _CONV[rank],
+        x,
+        b.value(node.input[1]),
+        b.optional(node, 2),
+        tuple(strides),
+        padding,
+        tuple(dilations),
+        a.get("group", 1),
+    )
+    b.mark_layer(out, node, "conv")
+    return out
+
+
+def _pool(kind: str) -> _Emitter:
+    def emit(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+        a = _attrs(node)
+        kernel = tuple(a["kernel_shape"])
+        rank = len(kernel)
+        strides = tuple(a.get("strides", [1] * rank))
+        dilations = tuple(a.get("dilations", [1] * rank))
+        ceil_mode = bool(a.get("ceil_mode", 0))
+        x = b.value(node.input[0])
+        padding, spec = _padding(node, kernel, strides, dilations, torch_limit=True)
+        if kind == "max":
+            if spec is not None:
+                x = b.call(_pad_spatial, x, spec, float("-inf"))
+            return b.call(_MAX_POOL[rank], x, kernel, strides, padding, dilations, ceil_mode)
+        if any(d != 1 for d in dilations):
+            raise ModelError(
+                f"{_describe(node)} uses dilations, which torch's avg_pool lacks; {_REEXPORT_HINT}."
+            )
+        include_pad = bool(a.get("count_include_pad", 0))
+        if spec is None:
+            return b.call(_AVG_POOL[rank], x, kernel, strides, padding, ceil_mode, include_pad)
+        if include_pad:  # zero padding that counts towards the divisor
+            return b.call(_AVG_POOL[rank], b.call(_pad_spatial, x, spec, 0.0), kernel, strides, 0, ceil_mode)
+        return b.call(_avg_pool_excluding_pad, x, spec, kernel, strides, ceil_mode)
+
+    return emit
+
+
+def _gemm_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    a = _attrs(node)
+    alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+    x = b.value(node.input[0])
+    if a.get("transA", 0):
+        x = b.graph.call_method("t", (x,))
+    w = b.const(node, 1)
+    trans_b = a.get("transB", 0)
+    if w is None:  # a computed B is plain arithmetic, not a layer
+        w_node = b.value(node.input[1])
+        if trans_b:
+            w_node = b.graph.call_method("t", (w_node,))
+        return b.call(_gemm, x, w_node, b.optional(node, 2), alpha, beta)
+    if trans_b and alpha == 1.0:  # already F.linear's [out, in] layout
+        weight = b.value(node.input[1])
+    else:
+        weight = b.buffer((alpha * (w if trans_b else w.t())).contiguous(), f"{node.input[1]}_linear")
+    out_features = w.shape[0] if trans_b else w.shape[1]
+    c = b.const(node, 2)
+    if c is not None and (c.dim() <= 1 or c.shape[0] == 1):  # C broadcasts as a bias
+        bias = torch.broadcast_to((beta * c).reshape(-1), (out_features,)).clone()
+        out = b.call(F.linear, x, weight, b.buffer(bias, node.input[2]))
+        b.mark_layer(out, node, "linear")
+        return out
+    out = b.call(F.linear, x, weight, None)
+    b.mark_layer(out, node, "linear")
+    if not _has_input(node, 2):
+        return out
+    # A per-row or computed C is added after the layer.
+    return b.call(torch.add, out, b.value(node.input[2]), alpha=beta)
+
+
+def _matmul(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    w = b.const(node, 1)
+    x = b.value(node.input[0])
+    if w is None or w.dim() != 2:
+        return b.call(torch.matmul, x, b.value(node.input[1]))
+    bias, add = _foldable_bias(b, node, w.shape[1])
+    out = b.call(F.linear, x, b.buffer(w.t().contiguous(), f"{node.input[1]}_linear"), bias)
+    b.mark_layer(out, node, "linear")
+    if add is not None:
+        b.skipped.add(add.output[0])
+        b.env[add.output[0]] = out
+    return out
+
+
+def _foldable_bias(
+    b: _Builder, node: onnx.NodeProto, out_features: int
+) -> tuple[torch.fx.Node | None, onnx.NodeProto | None]:
+    """The constant 1-D bias of an ``Add`` that is the MatMul's only consumer.
+
+    Exporters write ``nn.Linear`` on a >2-D input as MatMul + Add; folding the
+    Add makes it a single linear layer, like the PyTorch module it came from.
+    """
+    out = node.output[0]
+    users = b.consumers[out]
+    if len(users) != 1 or users[0].op_type != "Add" or out in b.graph_outputs:
+        return None, None
+    add = users[0]
+    other = [name for name in add.input if name != out]
+    bias = b.consts.get(other[0]) if len(other) == 1 else None
+    if bias is None or bias.dim() != 1 or bias.shape[0] != out_features:
+        return None, None
+    return b.value(other[0]), add
+
+
+def _batch_norm(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    a = _attrs(node)
+    if a.get("training_mode", 0):
+        raise ModelError(f"{_describe(node)} is in training mode; export the model after model.eval().")
+    x, scale, bias, mean, var = (b.value(n) for n in node.input[:5])
+    return b.call(F.batch_norm, x, mean, var, scale, bias, False, 0.0, float(a.get("epsilon", 1e-5)))
+
+
+def _softmax(log: bool) -> _Emitter:
+    def emit(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+        x = b.value(node.input[0])
+        if b.opset < 13:
+            return b.call(_coerced_softmax, x, _attrs(node).get("axis", 1), log)
+        return b.call(F.log_softmax if log else F.softmax, x, dim=_attrs(node).get("axis", -1))
+
+    return emit
+
+
+def _transpose_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    perm = _attrs(node).get("perm")  # default: reverse all dimensions
+    return b.call(_transpose, b.value(node.input[0]), tuple(perm) if perm else None)
+
+
+def _reshape_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    shape = b.const(node, 1)
+    target = tuple(shape.tolist()) if shape is not None else b.value(node.input[1])
+    return b.call(_reshape, b.value(node.input[0]), target, _attrs(node).get("allowzero", 0))
+
+
+def _axes(b: _Builder, node: onnx.NodeProto) -> list[int] | None:
+    """Axes from the attribute (older opsets) or the second input (newer)."""
+    a = _attrs(node)
+    return list(a["axes"]) if "axes" in a else b.const_ints(node, 1, "axes")
+
+
+def _squeeze(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    axes = _axes(b, node)
+    x = b.value(node.input[0])
+    return b.call(torch.squeeze, x) if axes is None else b.call(torch.squeeze, x, tuple(axes))
+
+
+def _unsqueeze_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    return b.call(_unsqueeze, b.value(node.input[0]), tuple(_axes(b, node)))
+
+
+def _reduce(fn: Callable[..., torch.Tensor]) -> _Emitter:
+    def emit(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+        a = _attrs(node)
+        axes = _axes(b, node)
+        x = b.value(node.input[0])
+        if not axes and a.get("noop_with_empty_axes", 0):
+            return x
+        return b.call(fn, x, dim=tuple(axes) if axes else None, keepdim=bool(a.get("keepdims", 1)))
+
+    return emit
+
+
+def _pad_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    a = _attrs(node)
+    if a.get("mode", "constant") != "constant":
+        raise ModelError(
+            f"{_describe(node)} uses mode {a['mode']!r}; only constant padding is supported; {_REEXPORT_HINT}."
+        )
+    pads = list(a["pads"]) if "pads" in a else b.const_ints(node, 1, "pads")
+    value = b.const(node, 2)
+    value = float(value.item()) if value is not None else float(a.get("value", 0.0))
+    axes = b.const_ints(node, 3, "axes")
+    return b.call(_pad, b.value(node.input[0]), pads, value, axes)
+
+
+def _clip(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    a = _attrs(node)
+    bounds = []
+    for i, key in ((1, "min"), (2, "max")):  # inputs since opset 11, attributes before
+        c = b.const(node, i)
+        if c is not None:
+            bounds.append(c.item())
+        else:
+            bounds.append(b.optional(node, i) if _has_input(node, i) else a.get(key))
+    x = b.value(node.input[0])
+    return x if bounds == [None, None] else b.call(torch.clamp, x, *bounds)
+
+
+def _slice_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    starts = b.const_ints(node, 1, "starts")
+    ends = b.const_ints(node, 2, "ends")
+    axes = b.const_ints(node, 3, "axes") or list(range(len(starts)))
+    steps = b.const_ints(node, 4, "steps") or [1] * len(starts)
+    if any(s <= 0 for s in steps):
+        raise ModelError(
+            f"{_describe(node)} uses a non-positive step, which is not supported; {_REEXPORT_HINT}."
+        )
+    return b.call(_slice, b.value(node.input[0]), starts, ends, axes, steps)
+
+
+def _constant(b: _Builder, node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+    if "value" in a:
+        tensor = _to_tensor(a["value"])
+    elif "value_float" in a or "value_int" in a:
+        tensor = torch.tensor(a.get("value_float", a.get("value_int")))
+    elif "value_floats" in a or "value_ints" in a:
+        tensor = torch.tensor(a.get("value_floats", a.get("value_ints")))
+    else:
+        raise ModelError(
+            f"{_describe(node)} holds a {', '.join(a)} value, which is not supported; {_REEXPORT_HINT}."
+        )
+    b.consts[node.output[0]] = tensor
+
+
+def _identity(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node | None:
+    # Keep constants constant so e.g. a tied weight behind Identity still
+    # makes its MatMul a linear layer.
+    if node.input[0] in b.consts:
+        b.consts[node.output[0]] = b.consts[node.input[0]]
+        return None
+    return b.value(node.input[0])
+
+
+def _simple(fn: Callable[..., Any], n_inputs: int = 1, **attr_defaults: Any) -> _Emitter:
+    """Emitter for ops that map onto one torch call plus keyword attributes.
+
+    ``attr_defaults`` maps torch keyword -> (onnx attribute, ONNX default).
+    """
+
+    def emit(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+        a = _attrs(node)
+        kwargs = {kw: a.get(attr, default) for kw, (attr, default) in attr_defaults.items()}
+        return b.call(fn, *(b.value(n) for n in node.input[:n_inputs]), **kwargs)
+
+    return emit
+
+
+_OPS: dict[str, _Emitter] = {
+    "Conv": _conv,
+    "Gemm": _gemm_op,
+    "MatMul": _matmul,
+    "Add": _simple(torch.add, 2),
+    "Sub": _simple(torch.sub, 2),
+    "Mul": _simple(torch.mul, 2),
+    "Div": _simple(_div, 2),
+    "Pow": _simple(torch.pow, 2),
+    "Relu": _simple(torch.relu),
+    "LeakyRelu": _simple(F.leaky_relu, negative_slope=("alpha", 0.01)),
+    "Sigmoid": _simple(torch.sigmoid),
+    "Tanh": _simple(torch.tanh),
+    "Elu": _simple(F.elu, alpha=("alpha", 1.0)),
+    "Gelu": _simple(F.gelu, approximate=("approximate", "none")),
+    "Sqrt": _simple(torch.sqrt),
+    "Exp": _simple(torch.exp),
+    "Log": _simple(torch.log),
+    "Neg": _simple(torch.neg),
+    "Erf": _simple(torch.erf),
+    "Softmax": _softmax(log=False),
+    "LogSoftmax": _softmax(log=True),
+    "BatchNormalization": _batch_norm,
+    "MaxPool": _pool("max"),
+    "AveragePool": _pool("avg"),
+    "GlobalAveragePool": lambda b, n: b.call(_global_pool, b.value(n.input[0]), "mean"),
+    "GlobalMaxPool": lambda b, n: b.call(_global_pool, b.value(n.input[0]), "amax"),
+    "Flatten": lambda b, n: b.call(_flatten, b.value(n.input[0]), _attrs(n).get("axis", 1)),
+    "Reshape": _reshape_op,
+    "Transpose": _transpose_op,
+    "Concat": lambda b, n: b.call(torch.cat, [b.value(i) for i in n.input], dim=_attrs(n)["axis"]),
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze_op,
+    "Slice": _slice_op,
+    "Dropout": _identity,
+    "Identity": _identity,
+    "Constant": _constant,
+    "Shape": lambda b, n: b.call(
+        _shape, b.value(n.input[0]), _attrs(n).get("start", 0), _attrs(n).get("end")
+    ),
+    "Gather": lambda b, n: b.call(
+        _gather, b.value(n.input[0]), b.value(n.input[1]), _attrs(n).get("axis", 0)
+    ),
+    "Cast": lambda b, n: b.graph.call_method("to", (b.value(n.input[0]), _cast_dtype(n))),
+    "Clip": _clip,
+    "ReduceMean": _reduce(torch.mean),
+    "ReduceSum": _reduce(torch.sum),
+    "Pad": _pad_op,
+}
+
+
+def _cast_dtype(node: onnx.NodeProto) -> torch.dtype:
+    to = _attrs(node)["to"]
+    if to not in _DTYPES:
+        raise ModelError(
+            f"{_describe(node)} casts to {onnx.TensorProto.DataType.Name(to)}, which is not supported; "
+            f"{_REEXPORT_HINT}."
+        )
+    return _DTYPES[to]
