@@ -75,6 +75,12 @@ class SmallCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x.reshape(x.size(0), -1))))
 
 
+def seeded(cls: type[nn.Module]) -> nn.Module:
+    """A fresh model whose initial weights do not depend on which tests ran before."""
+    torch.manual_seed(0)
+    return cls()
+
+
 @pytest.fixture(scope="session")
 def digits():
     return load_digits_split()
@@ -92,28 +98,28 @@ def save(module: nn.Module, x: torch.Tensor, y: torch.Tensor, directory: Path, n
 @pytest.fixture(scope="session")
 def tiny_mlp(digits, tmp_path_factory) -> Saved:
     x_tr, y_tr, x_te, y_te = digits
-    model = train(TinyMLP(), x_tr, y_tr, epochs=15)
+    model = train(seeded(TinyMLP), x_tr, y_tr, epochs=15)
     return save(model, x_te[:150], y_te[:150], tmp_path_factory.mktemp("tiny_mlp"), "tiny_mlp")
 
 
 @pytest.fixture(scope="session")
 def tiny_cnn(digits, tmp_path_factory) -> Saved:
     x_tr, y_tr, x_te, y_te = digits
-    model = train(TinyCNN(), x_tr, y_tr, epochs=15)
+    model = train(seeded(TinyCNN), x_tr, y_tr, epochs=15)
     return save(model, x_te[:150], y_te[:150], tmp_path_factory.mktemp("tiny_cnn"), "tiny_cnn")
 
 
 @pytest.fixture(scope="session")
 def small_cnn(digits, tmp_path_factory) -> Saved:
     x_tr, y_tr, x_te, y_te = digits
-    model = train(SmallCNN(), x_tr, y_tr, epochs=30)
+    model = train(seeded(SmallCNN), x_tr, y_tr, epochs=30)
     return save(model, x_te, y_te, tmp_path_factory.mktemp("small_cnn"), "small_cnn")
 
 
 @pytest.fixture(scope="session")
 def digits_cnn(digits, tmp_path_factory) -> Saved:
     x_tr, y_tr, x_te, y_te = digits
-    model = train(DigitsCNN(), x_tr, y_tr, epochs=10)
+    model = train(seeded(DigitsCNN), x_tr, y_tr, epochs=10)
     return save(model, x_te, y_te, tmp_path_factory.mktemp("digits_cnn"), "digits_cnn")
 
 
