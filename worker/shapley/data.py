@@ -96,6 +96,8 @@ def _index_array(values: np.ndarray, name: str, n: int, source: str) -> np.ndarr
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if not zipfile.is_zipfile(path):  # np.load would fall back to unpickling it
+        raise DataError(f"{path.name} is not a valid .npz archive (not a zip file); write it with numpy.savez.")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
