@@ -167,3 +167,20 @@ def test_digits_cnn_top10_matches_reference_and_removing_it_hurts_most(small_cnn
     by_norm = drop(torch.argsort(norms)[:k].tolist())
     assert by_value > 0.3, (by_value, by_random, by_norm)
     assert by_value > 2 * max(by_random, by_norm, 0.01), (by_value, by_random, by_norm)
+
+
+def test_same_seed_and_resume_on_a_real_network(small_cnn):
+    """Sampled batches, truncation and the bandit all replay exactly from a checkpoint."""
+    game = NeuronGame(load_model(small_cnn.pt2), load_data(small_cnn.npz), MetricSpec("accuracy"), batch_size=32)
+    cfg = TMABConfig(mode="top", top_k=5, max_iterations=60, seed=4)
+    whole = run_tmab(game, cfg)
+    again = run_tmab(game, cfg)
+    assert torch.equal(whole.values, again.values) and whole.status == again.status
+
+    saved: list[bytes] = []
+    run_tmab(game, cfg, on_progress=lambda p: saved.append(p.checkpoint()), should_stop=lambda: len(saved) >= 6)
+    fresh_game = NeuronGame(load_model(small_cnn.pt2), load_data(small_cnn.npz), MetricSpec("accuracy"), batch_size=32)
+    resumed = run_tmab(fresh_game, cfg, resume_from=saved[-1])
+    assert torch.equal(resumed.values, whole.values)
+    assert torch.equal(resumed.samples, whole.samples)
+    assert (resumed.iterations, resumed.evaluations, resumed.rows) == (whole.iterations, whole.evaluations, whole.rows)
