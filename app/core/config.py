@@ -1,0 +1,44 @@
+"""All settings of the service, read once from the environment (prefix ``NEURONSHAP_``).
+
+With nothing set, the service runs on embedded defaults: SQLite under
+``var/``, an in-process queue and an in-process event bus. Setting
+``NEURONSHAP_DATABASE_URL``, ``NEURONSHAP_BROKER_URL`` and
+``NEURONSHAP_REDIS_URL`` switches to PostgreSQL, Celery and Redis; the code
+paths above the adapters are the same.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEURONSHAP_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="where the embedded database and the blob store live")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
+    broker_url: str | None = Field(None, description="Celery broker URL; default an in-process queue")
+    redis_url: str | None = Field(None, description="Redis for live bounds and events; default in-process")
+    blob_dir: Path | None = Field(None, description="shared directory of uploads; default data_dir/blobs")
+    max_model_bytes: int = 512 << 20
+    max_data_bytes: int = 2 << 30
+    max_spec_bytes: int = 64 << 10
+    publish_interval_s: float = Field(1.0, description="least time between two live-bound publications of a job")
+    checkpoint_interval_s: float = Field(60.0, description="least time between two checkpoints of a job")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'neuronshap.db').as_posix()}"
+
+    @property
+    def resolved_blob_dir(self) -> Path:
+        return self.blob_dir or self.data_dir / "blobs"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

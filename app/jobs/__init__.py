@@ -1,0 +1,1 @@
+"""The jobs domain: a model, an evaluation set and a spec, estimated by a worker."""
