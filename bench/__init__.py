@@ -1,0 +1,1 @@
+"""Benchmarks of the Shapley estimator (run as ``python -m bench.<name>``)."""

@@ -1,0 +1,794 @@
+"""Benchmark: TMAB-Shapley against plain permutation sampling (ours and Captum's).
+
+Run from the repository root::
+
+    python -m bench.bench_estimator            # full run, ~25 min on a 2-core CPU
+    python -m bench.bench_estimator --quick    # tiny scale (< ~60 s): checks that the script works
+
+Everything printed is measured in the one run; nothing is hard-coded. Two
+models are trained on scikit-learn's digits (``examples.digits.train``),
+exported with ``export_pt2`` into a temporary folder and loaded back with
+``load_model``; the metric is accuracy on (a prefix of) the test split.
+
+Sections
+--------
+(a) Time to a correct top-10. A long *reference* run (untruncated, mode
+    ``all``) gives each neuron's value and standard error (SE). A top-10 is
+    *correct* when each of its ten neurons has reference value
+    >= (the reference's 10th largest value - 0.005). Plain permutation
+    sampling (our estimator with truncation 0, bandit off, whole evaluation
+    set each time), Captum's ``ShapleyValueSampling`` over a vector of neuron
+    gates, and TMAB with the library defaults are then run with their own
+    seeds; after every round we record whether the current top-10 is correct,
+    and report the first point from which it stays correct to the end of the
+    run ("stable-correct").
+(b) Coalition evaluations per second: many coalitions per forward pass
+    (library defaults) against one per pass, with and without the prefix cache.
+(c) Achieved FLOP/s of the batched evaluation against a float32 matmul peak
+    measured in the same run.
+(d) A one-at-a-time sweep around the defaults (bound, truncation, batch size,
+    lanes) on the digits CNN, each configuration under a time cap.
+
+Choices for the full run (and why)
+----------------------------------
+* Models: ``torch.manual_seed(0)`` before building each model, so every run
+  trains the same weights (the initial weights come from the global
+  generator, which other work in the process would otherwise move).
+* Evaluation set: the whole test split (450 examples) for both models.
+* Reference: batches of random examples (32 for the digits CNN, 16 for the
+  wide CNN). The variance of a marginal is dominated by the random
+  permutation, not by the batch (we measured SDs of ~0.06 for the top
+  neurons of the digits CNN at batch 32, 128 and 450 alike), so small batches
+  buy the most permutations per second. A reference runs until the largest SE
+  among its current top-20 is <= ``ref_se_target`` (0.002, less than half the
+  0.005 tolerance) or its time cap, and prints its SEs. The digits CNN's
+  reference takes ~1,000-1,700 permutations (~80-130 s) for that.
+* The wide CNN's reference runs in mode ``all`` *with* the library's
+  per-player stopping (a player stops being sampled once its SE is below the
+  target; there is no truncation, so no bias). Its top neurons (the 16
+  conv1 channels) have marginal SDs of ~0.1-0.17, so an SE of 0.002 takes
+  several thousand permutations; with the bandit off every permutation would
+  cost 1,042 coalitions instead of ~34, which does not fit in 25 minutes.
+  Within its 180 s cap it reaches an SE of ~0.002-0.003 near the top-10: below
+  the tolerance, but not by much; the printed SEs say how far to trust
+  borderline neurons.
+* Plain sampling gets its best pass size: coalitions per pass are chosen by
+  timing a few passes of each size on the whole-set game (on this CPU small
+  passes are ~1.5-2x faster than the library's memory-bound default), so
+  that it is not a strawman. It runs until its top-10 has been correct for
+  max(``plain_confirm``, half the permutations it took) permutations, or its
+  time cap. On the wide CNN one plain permutation costs 1,042 coalitions x
+  450 examples (~12 s here) and a correct top-10 needs on the order of a
+  thousand permutations (the 10th and 11th neurons are close and noisy), i.e.
+  hours: plain gets a 60 s cap there, we print "not reached", the plain/TMAB
+  ratios become lower bounds (">"), and we add what plain would cost at the
+  number of permutations TMAB needed (plain's measured cost per permutation x
+  TMAB's permutations), labelled as an estimate.
+* Captum runs the permutations plain needed (all of plain's if it never got
+  there) under a time cap; if the cap interrupts it, its total time is
+  extrapolated from the forward calls it finished (labelled "extrapolated").
+* Each run has its own seed. Time caps bound every run, so a busier machine
+  gives worse numbers rather than a longer benchmark. Timings on a shared
+  machine are noisy: the load average is printed at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from statistics import NormalDist
+
+import torch
+
+from examples.digits import DigitsCNN, WideDigitsCNN, export_pt2, load_digits_split, save_eval_npz, train
+from worker.shapley import MetricSpec, NeuronGame, TMABConfig, load_data, load_model, run_tmab
+
+K = 10  # top-k
+TOL = 0.005  # a returned neuron is acceptable if within TOL of the reference's k-th value
+OFF = 10**9  # min_samples larger than any run: the bandit never decides a player
+
+SEED_REF, SEED_PLAIN, SEED_TMAB, SEED_CAPTUM, SEED_THROUGHPUT = 1000, 1, 2, 3, 5
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    epochs: int
+    eval_examples: dict  # model kind -> examples of the test split (None: all)
+    ref_batch: dict
+    ref_se_target: float
+    ref_min_iterations: int
+    ref_seconds: dict
+    plain_seconds: dict
+    plain_confirm: int
+    captum_seconds: dict
+    tmab_seconds: dict
+    throughput_iterations: dict
+    sweep_seconds: float
+    sweep_confirm: int
+    calibrate_seconds: float
+    peak_size: int
+
+
+FULL = Scale(
+    name="full",
+    epochs=30,
+    eval_examples={"digits": None, "wide": None},
+    ref_batch={"digits": 32, "wide": 16},
+    ref_se_target=0.002,
+    ref_min_iterations=100,
+    ref_seconds={"digits": 150.0, "wide": 180.0},
+    plain_seconds={"digits": 200.0, "wide": 60.0},
+    plain_confirm=20,
+    captum_seconds={"digits": 45.0, "wide": 30.0},
+    tmab_seconds={"digits": 150.0, "wide": 240.0},
+    throughput_iterations={"digits": 16, "wide": 2},
+    sweep_seconds=45.0,
+    sweep_confirm=40,
+    calibrate_seconds=0.3,
+    peak_size=2048,
+)
+
+QUICK = Scale(
+    name="quick",
+    epochs=2,
+    eval_examples={"digits": 64, "wide": 16},
+    ref_batch={"digits": 16, "wide": 16},
+    ref_se_target=0.002,
+    ref_min_iterations=4,
+    ref_seconds={"digits": 2.0, "wide": 2.0},
+    plain_seconds={"digits": 2.0, "wide": 2.0},
+    plain_confirm=2,
+    captum_seconds={"digits": 1.0, "wide": 1.0},
+    tmab_seconds={"digits": 2.0, "wide": 2.0},
+    throughput_iterations={"digits": 1, "wide": 1},
+    sweep_seconds=1.0,
+    sweep_confirm=4,
+    calibrate_seconds=0.05,
+    peak_size=512,
+)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def table(headers: list[str], rows: list[list[object]]) -> None:
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    out("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    out("  ".join("-" * w for w in widths))
+    for r in cells:
+        out("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    out()
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        if abs(v) >= 0.01:
+            return f"{v:.3f}"
+        return f"{v:.2g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def section(title: str) -> None:
+    out()
+    out("=" * len(title))
+    out(title)
+    out("=" * len(title))
+
+
+def ratio(a: float | None, b: float | None, lower_bound: bool = False) -> str:
+    if a is None or b is None or b <= 0:
+        return "-"
+    return f"{'>' if lower_bound else ''}{a / b:.1f}x"
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_lines() -> list[str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import captum
+
+        captum_version = captum.__version__
+    except ImportError:
+        captum_version = "not installed"
+    return [
+        f"CPU: {cpu}; {os.cpu_count()} logical CPUs; torch threads: {torch.get_num_threads()}",
+        f"torch {torch.__version__}; captum {captum_version}; Python {platform.python_version()}; {platform.platform()}",
+        f"load average at start: {_load()}",
+    ]
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def matmul_peak(size: int) -> float:
+    """Best float32 FLOP/s of ``torch.mm`` on ``size`` x ``size`` matrices."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(2):
+        torch.mm(a, b)
+    best = float("inf")
+    reps = 5
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class Model:
+    kind: str
+    label: str
+    module: torch.nn.Module
+    graph: torch.fx.GraphModule
+    data: object  # EvalData
+    accuracy: float
+    train_s: float
+
+    def game(self, batch_size: int | None = 128, cache_prefix: bool = True) -> NeuronGame:
+        """The game on this model; ``batch_size=None`` uses the whole evaluation set every time."""
+        size = len(self.data) if batch_size is None else batch_size
+        return NeuronGame(self.graph, self.data, MetricSpec("accuracy"), batch_size=size, cache_prefix=cache_prefix)
+
+
+def build_model(kind: str, scale: Scale, split, folder: Path) -> Model:
+    x_tr, y_tr, x_te, y_te = split
+    cls = DigitsCNN if kind == "digits" else WideDigitsCNN
+    torch.manual_seed(0)  # the initial weights come from the global generator: same model every run
+    t = time.monotonic()
+    module = train(cls(), x_tr, y_tr, epochs=scale.epochs)
+    train_s = time.monotonic() - t
+    n = scale.eval_examples[kind] or len(y_te)
+    x, y = x_te[:n], y_te[:n]
+    with torch.no_grad():
+        accuracy = float((module(x).argmax(1) == y).float().mean())
+    export_pt2(module, folder / f"{kind}.pt2", x_te[:2])
+    save_eval_npz(folder / f"{kind}_eval.npz", x, y)
+    graph, data = load_model(folder / f"{kind}.pt2"), load_data(folder / f"{kind}_eval.npz")
+    label = f"{cls.__name__} ({'digits CNN' if kind == 'digits' else 'wide CNN'})"
+    return Model(kind, label, module, graph, data, accuracy, train_s)
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def top_k(values: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(values, descending=True, stable=True)[:K]
+
+
+def is_correct(values: torch.Tensor, reference: torch.Tensor) -> bool:
+    cut = float(torch.sort(reference, descending=True).values[K - 1]) - TOL
+    return bool((reference[top_k(values)] >= cut).all())
+
+
+@dataclass
+class Point:
+    iterations: int
+    evaluations: int
+    rows: int
+    seconds: float
+    correct: bool
+
+
+class Tracker:
+    """Progress callback recording, after every round, whether the top-10 is correct.
+
+    With ``confirm``, asks the run to stop once the top-10 has stayed correct
+    for max(confirm, half the iterations it took) iterations.
+    """
+
+    def __init__(self, reference: torch.Tensor, confirm: int | None = None) -> None:
+        self.reference = reference
+        self.confirm = confirm
+        self.points: list[Point] = []
+        self._stop = False
+
+    def __call__(self, progress) -> None:
+        e = progress.estimate
+        self.points.append(Point(e.iterations, e.evaluations, e.rows, e.elapsed_s, is_correct(e.values, self.reference)))
+        if self.confirm is not None:
+            s = stable_point(self.points)
+            if s is not None and e.iterations >= s.iterations + max(self.confirm, s.iterations // 2):
+                self._stop = True
+
+    def should_stop(self) -> bool:
+        return self._stop
+
+
+def stable_point(points: list[Point], until_s: float | None = None) -> Point | None:
+    """The first point from which every later point (up to ``until_s``) is correct."""
+    pts = [p for p in points if until_s is None or p.seconds <= until_s]
+    if not pts or not pts[-1].correct:
+        return None
+    i = len(pts) - 1
+    while i > 0 and pts[i - 1].correct:
+        i -= 1
+    return pts[i]
+
+
+def standard_errors(est, n_players: int, delta: float) -> torch.Tensor:
+    """Per-player SE recovered from the normal-approximation half-width."""
+    z = NormalDist().inv_cdf(1.0 - delta / n_players / 2.0)
+    return (est.upper - est.values) / z
+
+
+# --------------------------------------------------------------------------- (a)
+
+
+@dataclass
+class Reference:
+    values: torch.Tensor
+    se: torch.Tensor
+    iterations: int
+    rows: int
+    seconds: float
+    stop: str
+    batch: int
+    bandit: bool
+
+
+def reference_run(model: Model, scale: Scale) -> Reference:
+    game = model.game(scale.ref_batch[model.kind])
+    n = game.n_players
+    bandit = model.kind == "wide"
+    base = TMABConfig()
+    z = NormalDist().inv_cdf(1.0 - base.delta / n / 2.0)
+    cfg = TMABConfig(
+        mode="all", truncation=0.0, bound="normal", min_samples=30 if bandit else OFF,
+        half_width=z * scale.ref_se_target, seed=SEED_REF, max_seconds=scale.ref_seconds[model.kind],
+    )
+    done = [False]
+
+    def progress(p) -> None:
+        e = p.estimate
+        if e.iterations >= scale.ref_min_iterations:
+            se = standard_errors(e, n, cfg.delta)
+            near = torch.argsort(e.values, descending=True)[: 2 * K]
+            done[0] = float(se[near].max()) <= scale.ref_se_target
+
+    est = run_tmab(game, cfg, on_progress=progress, should_stop=lambda: done[0])
+    reason = "SE target reached" if est.stop_reason in ("stopped", "converged") else f"time cap ({est.stop_reason})"
+    return Reference(est.values.clone(), standard_errors(est, n, cfg.delta), est.iterations, est.rows,
+                     est.elapsed_s, reason, game.batch_size, bandit)
+
+
+def print_reference(model: Model, ref: Reference) -> None:
+    order = torch.argsort(ref.values, descending=True)
+    v = ref.values[order]
+    near = order[: 2 * K]
+    cut = float(v[K - 1]) - TOL
+    acceptable = int((ref.values >= cut).sum())
+    table(
+        ["reference", "value"],
+        [
+            ["sampling", f"untruncated, mode all, batch {ref.batch} random examples, "
+                         + ("per-player stop at the SE target (no truncation)" if ref.bandit else "bandit off")],
+            ["permutations", ref.iterations],
+            ["forward rows", ref.rows],
+            ["wall time (s)", ref.seconds],
+            ["stopped by", ref.stop],
+            ["max SE over its top-20", f"{float(ref.se[near].max()):.4f}"],
+            ["median SE over its top-20", f"{float(ref.se[near].median()):.4f}"],
+            ["10th / 11th largest value", f"{float(v[K - 1]):.4f} / {float(v[K]):.4f}"],
+            ["neurons acceptable in a top-10 (>= 10th - 0.005)", acceptable],
+        ],
+    )
+    table(["rank", "neuron", "reference value", "SE"],
+          [[r + 1, int(order[r]), f"{float(v[r]):.4f}", f"{float(ref.se[order[r]]):.4f}"] for r in range(min(K + 4, len(v)))])
+
+
+@dataclass
+class RunResult:
+    name: str
+    points: list[Point]
+    iterations: int
+    evaluations: int
+    rows: int
+    seconds: float
+    stop: str
+    final_correct: bool
+    values: torch.Tensor | None = None
+
+    @property
+    def stable(self) -> Point | None:
+        return stable_point(self.points)
+
+
+def worst_pick(values: torch.Tensor | None, reference: torch.Tensor) -> str:
+    """Reference rank and value of the weakest neuron of a top-10 (acceptable if the value >= the cut)."""
+    if values is None:
+        return "-"
+    order = torch.argsort(reference, descending=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    picked = top_k(values)
+    worst = picked[torch.argmin(reference[picked])]
+    return f"#{int(rank[worst]) + 1} ({float(reference[worst]):.4f})"
+
+
+def fastest_pass(game: NeuronGame, seconds: float = 0.3) -> tuple[int, dict]:
+    """Coalitions per pass with the most evaluations per second on this game (measured, ~``seconds`` each)."""
+    sample = game.sample(torch.Generator().manual_seed(0), 1)
+    limit = game.max_coalitions_per_pass
+    candidates = sorted({m for m in (1, 2, 4, 8, 16, 32, 64) if m <= limit} | {min(limit, TMABConfig().coalitions_per_pass)})
+    gen = torch.Generator().manual_seed(0)
+    rates = {}
+    for m in candidates:
+        masks = torch.rand(m, game.n_players, generator=gen) < 0.5
+        lanes = torch.zeros(m, dtype=torch.long)
+        game.evaluate(sample, masks, lanes)
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            game.evaluate(sample, masks, lanes)
+            done += m
+        rates[m] = done / (time.perf_counter() - start)
+    return max(rates, key=rates.get), rates
+
+
+def plain_run(model: Model, ref: torch.Tensor, scale: Scale) -> RunResult:
+    game = model.game(None)
+    per_pass, rates = fastest_pass(game, scale.calibrate_seconds)
+    out(f"plain: coalitions per pass chosen by measurement on the whole-set game: {per_pass} "
+        f"(evals/s by coalitions per pass: {', '.join(f'{m}: {r:.0f}' for m, r in rates.items())})")
+    cfg = TMABConfig(mode="top", top_k=K, truncation=0.0, min_samples=OFF, lanes=1, coalitions_per_pass=per_pass,
+                     seed=SEED_PLAIN, max_seconds=scale.plain_seconds[model.kind])
+    tracker = Tracker(ref, confirm=scale.plain_confirm)
+    est = run_tmab(game, cfg, on_progress=tracker, should_stop=tracker.should_stop)
+    stop = "confirmed" if est.stop_reason == "stopped" else est.stop_reason
+    return RunResult("plain permutation sampling", tracker.points, est.iterations, est.evaluations, est.rows,
+                     est.elapsed_s, stop, is_correct(est.values, ref), est.values)
+
+
+def tmab_run(model: Model, ref: torch.Tensor, cap_s: float, seed: int = SEED_TMAB, batch_size: int | None = 128,
+             confirm: int | None = None, **changes) -> RunResult:
+    game = model.game(batch_size)
+    cfg = replace(TMABConfig(mode="top", top_k=K), seed=seed, max_seconds=cap_s, **changes)
+    tracker = Tracker(ref, confirm=confirm)
+    est = run_tmab(game, cfg, on_progress=tracker, should_stop=tracker.should_stop)
+    stop = "confirmed" if est.stop_reason == "stopped" else est.stop_reason or "-"
+    return RunResult("TMAB (defaults)", tracker.points, est.iterations, est.evaluations, est.rows, est.elapsed_s,
+                     stop, is_correct(est.values, ref), est.values)
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+@dataclass
+class CaptumResult:
+    permutations: int
+    per_eval: int
+    seconds: float
+    finished: bool
+    calls_done: int
+    calls_total: int
+    correct: bool | None
+    values: torch.Tensor | None = None
+
+
+def captum_run(model: Model, ref: torch.Tensor, permutations: int, per_eval: int, cap_s: float) -> CaptumResult:
+    from captum.attr import ShapleyValueSampling
+
+    game = model.game(None)
+    n = game.n_players
+    calls = [0]
+    deadline = [0.0]
+
+    def forward(gates: torch.Tensor) -> torch.Tensor:
+        if time.monotonic() > deadline[0]:
+            raise _OutOfTime
+        calls[0] += 1
+        return game.full_values(gates).float()
+
+    torch.manual_seed(SEED_CAPTUM)
+    svs = ShapleyValueSampling(forward)
+    total = 1 + permutations * math.ceil(n / per_eval)
+    start = time.monotonic()
+    deadline[0] = start + cap_s
+    try:
+        attr = svs.attribute(torch.ones(1, n), baselines=torch.zeros(1, n), n_samples=permutations,
+                             perturbations_per_eval=per_eval)
+        values = attr[0].double()
+        finished, correct = True, is_correct(values, ref)
+    except _OutOfTime:
+        finished, correct, values = False, None, None
+    elapsed = time.monotonic() - start
+    seconds = elapsed if finished else elapsed * total / max(1, calls[0])
+    return CaptumResult(permutations, per_eval, seconds, finished, calls[0], total, correct, values)
+
+
+def time_to_correct(model: Model, scale: Scale, ref: Reference) -> dict:
+    values = ref.values
+    plain = plain_run(model, values, scale)
+    ps = plain.stable
+    plain_needed = ps.iterations if ps is not None else plain.iterations
+    per_eval = min(TMABConfig().coalitions_per_pass, model.game(None).max_coalitions_per_pass)
+    cap = captum_run(model, values, plain_needed, per_eval, scale.captum_seconds[model.kind])
+    tmab = tmab_run(model, values, scale.tmab_seconds[model.kind])
+    ts = tmab.stable
+
+    rows = []
+    for r in (plain, tmab):
+        s = r.stable
+        rows.append([
+            r.name,
+            s.iterations if s else "not reached",
+            s.rows if s else None,
+            s.seconds if s else None,
+            r.iterations - s.iterations if s else None,
+            r.iterations, r.rows, r.seconds, r.stop, r.final_correct, worst_pick(r.values, values),
+        ])
+    n_players = model.game(None).n_players
+    rows.append([
+        f"Captum ShapleyValueSampling (ppe={cap.per_eval})", f"{cap.permutations} (run)",
+        (1 + cap.permutations * n_players) * len(model.data),
+        f"{cap.seconds:.1f}" + ("" if cap.finished else " (extrapolated)"),
+        None, f"{cap.calls_done}/{cap.calls_total} calls", None, None,
+        "finished" if cap.finished else "time cap", cap.correct, worst_pick(cap.values, values),
+    ])
+    out(f"correct = each of the ten >= {float(torch.sort(values, descending=True).values[K - 1]) - TOL:.4f} "
+        "(reference 10th value - 0.005); 'weakest pick' = reference rank and value of the weakest of the ten")
+    table(
+        ["method", "perms to stable-correct", "rows then", "time then (s)", "stayed correct for (perms)",
+         "perms at stop", "rows at stop", "time at stop (s)", "stop", "top-10 at stop correct", "weakest pick"],
+        rows,
+    )
+    plain_s = ps.seconds if ps else plain.seconds
+    plain_rows = ps.rows if ps else plain.rows
+    lb = ps is None
+    target = 2.0 if model.kind == "digits" else 5.0
+    lines = []
+    per_perm_s = plain.seconds / max(1, plain.iterations)
+    per_perm_rows = plain.rows / max(1, plain.iterations)
+    if ts is not None:
+        time_ratio = plain_s / ts.seconds
+        rows_ratio = plain_rows / ts.rows
+        lines.append(["plain / TMAB at the stable-correct point", ratio(plain_s, ts.seconds, lb), ratio(plain_rows, ts.rows, lb)])
+        if tmab.stop == "converged":
+            lines.append(["plain (stable-correct) / TMAB (at its own stop)", ratio(plain_s, tmab.seconds, lb),
+                          ratio(plain_rows, tmab.rows, lb)])
+        if lb:
+            est_s, est_rows = per_perm_s * ts.iterations, per_perm_rows * ts.iterations
+            lines.append([f"estimate: plain at TMAB's {ts.iterations} perms / TMAB", ratio(est_s, ts.seconds),
+                          ratio(est_rows, ts.rows)])
+        met = time_ratio >= target and rows_ratio >= target
+        verdict = ("met" if met else "NOT met") + (" (lower bound: plain never got there)" if lb else "")
+    else:
+        verdict = "not measurable: TMAB did not reach a stable-correct top-10 in its cap"
+    table(["ratio", "wall time", "forward rows"], lines)
+    out(f"plain: {per_perm_s:.2f} s and {per_perm_rows:,.0f} rows per permutation; "
+        f"Captum: {cap.seconds / max(1, cap.permutations):.2f} s per permutation "
+        f"({'slower' if cap.seconds / max(1, cap.permutations) > per_perm_s else 'faster'} than our plain run by "
+        f"{max(cap.seconds / max(1, cap.permutations), per_perm_s) / max(1e-9, min(cap.seconds / max(1, cap.permutations), per_perm_s)):.1f}x)")
+    out(f"target >= {target:.0f}x (wall time and rows at the stable-correct point): {verdict}")
+    return {"plain": plain, "tmab": tmab, "captum": cap}
+
+
+# --------------------------------------------------------------------------- (b)
+
+
+def throughput(model: Model, iterations: int, scale: Scale) -> dict:
+    base = TMABConfig()
+    games = {True: model.game(128, cache_prefix=True), False: model.game(128, cache_prefix=False)}
+    for game in games.values():
+        _warm_up(game)
+    best, _ = fastest_pass(games[True], scale.calibrate_seconds)
+    configs = [
+        ("batched (defaults)", True, base.lanes, base.coalitions_per_pass),
+        ("one per pass", True, 1, 1),
+        ("batched, no prefix cache", False, base.lanes, base.coalitions_per_pass),
+        ("one per pass, no prefix cache", False, 1, 1),
+        (f"coalitions/pass measured fastest", True, max(1, min(base.lanes, best)), best),
+    ]
+    results = {}
+    for label, cache, lanes, cpp in configs:
+        game = games[cache]
+        cfg = TMABConfig(mode="all", truncation=0.0, min_samples=OFF, lanes=lanes, coalitions_per_pass=cpp,
+                         seed=SEED_THROUGHPUT, max_iterations=iterations)
+        est = run_tmab(game, cfg)
+        per_pass = max(1, min(cpp, game.max_coalitions_per_pass))
+        results[label] = (est, per_pass, game.batch_size)
+    rows = []
+    ref_rate = None
+    for label, (est, per_pass, batch) in results.items():
+        rate = est.evaluations / est.elapsed_s
+        ref_rate = ref_rate or rate
+        rows.append([label, per_pass, per_pass * batch, est.iterations, est.evaluations, est.elapsed_s, rate,
+                     est.rows / est.elapsed_s])
+    table(["configuration", "coalitions/pass", "rows/pass", "perms", "evaluations", "time (s)", "evals/s", "rows/s"], rows)
+    rate = {k: v[0].evaluations / v[0].elapsed_s for k, v in results.items()}
+    ratios = [
+        ["batched / one per pass (prefix cache on)", rate["batched (defaults)"] / rate["one per pass"]],
+        ["batched / one per pass (prefix cache off)", rate["batched, no prefix cache"] / rate["one per pass, no prefix cache"]],
+        ["prefix cache on / off (batched)", rate["batched (defaults)"] / rate["batched, no prefix cache"]],
+        ["prefix cache on / off (one per pass)", rate["one per pass"] / rate["one per pass, no prefix cache"]],
+        ["defaults / one per pass without cache", rate["batched (defaults)"] / rate["one per pass, no prefix cache"]],
+        ["measured-fastest pass size / defaults", rate["coalitions/pass measured fastest"] / rate["batched (defaults)"]],
+    ]
+    table(["ratio of evaluations per second", "x"], [[a, f"{b:.2f}x"] for a, b in ratios])
+    best = ratios[0][1]
+    out(f"target >= 3x (batched vs one coalition per pass, same game): {'met' if best >= 3 else 'NOT met'} ({best:.2f}x)")
+    return {"batched": results["batched (defaults)"][0], "fastest": results["coalitions/pass measured fastest"][0]}
+
+
+def _warm_up(game: NeuronGame) -> None:
+    """One pass at each coalition count used below, so one-time kernel setup is not timed."""
+    sample = game.sample(torch.Generator().manual_seed(0), 1)
+    for m in sorted({1, max(1, min(TMABConfig().coalitions_per_pass, game.max_coalitions_per_pass))}):
+        game.evaluate(sample, torch.ones(m, game.n_players, dtype=torch.bool), torch.zeros(m, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- (c)
+
+
+def flops(model: Model, runs: dict, tmab: RunResult, peak: float) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = model.data.inputs[:1]
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            model.module(x)
+    forward = counter.get_total_flops()
+    game = model.game(128)
+    with FlopCounterMode(display=False) as counter:
+        with torch.inference_mode():
+            frontier = game.model.prefix(x)
+    prefix = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        with torch.inference_mode():
+            game.model.run(frontier, torch.zeros(1, dtype=torch.long), torch.ones(1, game.n_players))
+    suffix = counter.get_total_flops()
+    rows = []
+    for label, rows_s in (
+        ("batched evaluation (defaults), section (b)", runs["batched"].rows / runs["batched"].elapsed_s),
+        ("measured-fastest pass size, section (b)", runs["fastest"].rows / runs["fastest"].elapsed_s),
+        ("TMAB defaults run, section (a)", tmab.rows / tmab.seconds if tmab.seconds else 0.0),
+    ):
+        rows.append([label, rows_s, suffix * rows_s / 1e9, forward * rows_s / 1e9,
+                     f"{100 * suffix * rows_s / peak:.1f}%", f"{100 * forward * rows_s / peak:.1f}%"])
+    out(f"FLOPs per example: whole forward {forward:,}; masked suffix (run once per coalition row) {suffix:,}; "
+        f"prefix (once per example per batch) {prefix:,}")
+    table(["run", "rows/s", "suffix GFLOP/s", "forward GFLOP/s", "suffix / peak", "forward / peak"], rows)
+
+
+# --------------------------------------------------------------------------- (d)
+
+
+def sweep(model: Model, ref: torch.Tensor, scale: Scale, defaults_run: RunResult) -> None:
+    cap = scale.sweep_seconds
+    base = TMABConfig()
+    variants: list[tuple[str, dict, int | None]] = [("defaults", {}, 128)]
+    variants += [(f"bound={b}", {"bound": b}, 128) for b in ("normal", "bernstein", "bernstein_observed") if b != base.bound]
+    variants += [(f"truncation={t}", {"truncation": t}, 128) for t in (0.0, 0.05, 0.1, 0.2) if t != base.truncation]
+    variants += [(f"batch_size={b or 'all'}", {}, b) for b in (64, 128, None) if b != 128]
+    variants += [(f"lanes={l}", {"lanes": l}, 128) for l in (1, 4, 8) if l != base.lanes]
+    rows = []
+    for label, changes, batch in variants:
+        if label == "defaults":
+            run = _cut(defaults_run, cap)
+        else:
+            run = tmab_run(model, ref, cap, batch_size=batch, confirm=scale.sweep_confirm, **changes)
+        s = run.stable
+        rows.append([
+            label,
+            f"{s.seconds:.1f}" if s else f"not reached in {cap:.0f} s",
+            s.rows if s else None,
+            s.iterations if s else None,
+            run.iterations - s.iterations if s else None,
+            run.stop, run.seconds, run.rows, run.rows / run.seconds if run.seconds else None, run.final_correct,
+        ])
+    out(f"digits CNN, one setting changed at a time from TMABConfig() (mode top, top_k 10, seed {SEED_TMAB}); "
+        f"cap {cap:.0f} s per run; a run also stops once its top-10 has stayed correct for "
+        f"max({scale.sweep_confirm}, half its permutations) permutations ('confirmed'). The defaults row is the "
+        "run of section (a) seen up to the cap. One seed per configuration: differences under ~2x are within noise.")
+    table(["configuration", "time to stable-correct (s)", "rows then", "perms then", "stayed correct for",
+           "stop", "time at stop (s)", "rows at stop", "rows/s", "top-10 at stop correct"], rows)
+
+
+def _cut(run: RunResult, cap: float) -> RunResult:
+    """The same run seen as if it had been stopped at ``cap`` seconds (for the defaults row of the sweep)."""
+    if run.seconds <= cap:
+        return run
+    pts = [p for p in run.points if p.seconds <= cap]
+    last = pts[-1] if pts else Point(0, 0, 0, 0.0, False)
+    return RunResult(run.name, pts, last.iterations, last.evaluations, last.rows, last.seconds,
+                     "max_seconds (cut from (a))", last.correct)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny scale: checks that the benchmark still runs")
+    parser.add_argument("--sections", default="abcd", help="which sections to run (default: abcd); b-d need a")
+    parser.add_argument("--models", default="digits,wide", help="comma-separated: digits, wide")
+    args = parser.parse_args(argv)
+    kinds = [k for k in ("digits", "wide") if k in args.models.split(",")]
+    scale = QUICK if args.quick else FULL
+    started = time.monotonic()
+
+    section(f"Estimator benchmark ({scale.name} scale)")
+    for line in machine_lines():
+        out(line)
+    peak = matmul_peak(scale.peak_size)
+    out(f"float32 matmul peak (torch.mm {scale.peak_size}x{scale.peak_size}, best of 5): {peak / 1e9:.1f} GFLOP/s")
+
+    split = load_digits_split()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [build_model(kind, scale, split, Path(tmp)) for kind in kinds]
+        for m in models:
+            game = m.game(128)
+            out(f"{m.label}: {game.n_players:,} neurons; trained {scale.epochs} epochs in {m.train_s:.1f} s; "
+                f"eval set {len(m.data)} test examples, accuracy {m.accuracy:.3f}")
+
+        for m in models if "a" in args.sections else []:
+            section(f"(a) Time to a correct top-10: {m.label}")
+            ref = reference_run(m, scale)
+            print_reference(m, ref)
+            results[m.kind] = {"ref": ref, **time_to_correct(m, scale, ref)}
+
+        batched = {}
+        for m in models if "b" in args.sections else []:
+            section(f"(b) Evaluations per second: {m.label} (batch 128, truncation off, bandit off, "
+                    f"{scale.throughput_iterations[m.kind]} permutations each)")
+            batched[m.kind] = throughput(m, scale.throughput_iterations[m.kind], scale)
+
+        if "c" in args.sections:
+            section("(c) Achieved FLOP/s")
+            out(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+            for m in models:
+                out(f"-- {m.label}")
+                if m.kind in batched and m.kind in results:
+                    flops(m, batched[m.kind], results[m.kind]["tmab"], peak)
+
+        if "d" in args.sections and "digits" in results:
+            section("(d) Defaults sweep on the digits CNN")
+            sweep(models[0], results["digits"]["ref"].values, scale, results["digits"]["tmab"])
+
+    out(f"total wall time {time.monotonic() - started:.0f} s; load average at the end: {_load()}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
