@@ -1,9 +1,12 @@
 """The ``neuronshap`` command.
 
 ``neuronshap estimate MODEL DATA --metric NAME …`` ranks a model's neurons
-locally, without the service. User errors (a bad file, a spec that makes no
-sense) print one line naming the problem and the fix and exit with status 2;
-Ctrl-C stops the run cooperatively and prints the estimates so far.
+locally, without the service. ``serve``, ``worker`` and ``migrate`` run the
+service; ``submit``, ``status`` and ``neurons`` talk to it over HTTP, for
+pipelines. User errors (a bad file, a spec that makes no sense, a 4xx from
+the service) print one line naming the problem and the fix and exit with
+status 2; Ctrl-C stops a local run cooperatively and prints the estimates so
+far.
 
 The estimator (and torch) is imported only by the commands that run it, so
 that the HTTP side of this command stays light.
@@ -13,12 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 EXIT_USER_ERROR = 2
+EXIT_JOB_FAILED = 1
+DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,18 +66,81 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--limit", type=int, default=20, help="neurons to print as text (--json prints all)")
     est.add_argument("--json", action="store_true", help="print the ranked neurons as a JSON list (API.md's shape)")
     est.set_defaults(handler=cmd_estimate)
+
+    serve = commands.add_parser("serve", help="run the HTTP API (embedded defaults unless NEURONSHAP_* says otherwise)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(handler=cmd_serve)
+
+    worker = commands.add_parser("worker", help="run a Celery worker (needs NEURONSHAP_BROKER_URL)")
+    worker.add_argument("--gpus", help="comma-separated GPU ids: one worker process per GPU (default: one process)")
+    worker.add_argument("--name", default="neuronshap", help="worker name prefix, for Celery's monitoring")
+    worker.set_defaults(handler=cmd_worker)
+
+    migrate = commands.add_parser("migrate", help="bring the database schema to the newest migration")
+    migrate.set_defaults(handler=cmd_migrate)
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", default=os.environ.get("NEURONSHAP_URL", DEFAULT_URL),
+                       help=f"the service (default $NEURONSHAP_URL or {DEFAULT_URL})")
+        p.add_argument("--api-key", default=os.environ.get("NEURONSHAP_API_KEY"), help="default $NEURONSHAP_API_KEY")
+
+    submit = commands.add_parser("submit", help="submit a job to the service")
+    submit.add_argument("model", type=Path)
+    submit.add_argument("data", type=Path)
+    submit.add_argument("--spec", required=True, type=Path, help="a JSON file with the job spec (API.md)")
+    submit.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
+    submit.add_argument("--wait", action="store_true", help="follow the job to its end, then print the top neurons")
+    submit.add_argument("--limit", type=int, default=10, help="neurons to print with --wait")
+    submit.add_argument("--json", action="store_true", help="print JSON (the job; with --wait, the neurons)")
+    client_args(submit)
+    submit.set_defaults(handler=cmd_submit)
+
+    status = commands.add_parser("status", help="print a job as JSON")
+    status.add_argument("job_id")
+    client_args(status)
+    status.set_defaults(handler=cmd_status)
+
+    neurons = commands.add_parser("neurons", help="print a job's ranked neurons (live while it runs)")
+    neurons.add_argument("job_id")
+    neurons.add_argument("--limit", type=int, default=20)
+    neurons.add_argument("--order", choices=("desc", "asc"), default="desc")
+    neurons.add_argument("--layer")
+    neurons.add_argument("--json", action="store_true")
+    client_args(neurons)
+    neurons.set_defaults(handler=cmd_neurons)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from worker.shapley.errors import UserInputError
-
     try:
         return args.handler(args)
-    except UserInputError as exc:
-        print(f"neuronshap: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except Exception as exc:
+        message, code = _explain(exc, args)
+        if message is None:
+            raise
+        print(f"neuronshap: error: {message}", file=sys.stderr)
+        return code
+
+
+def _explain(exc: Exception, args: argparse.Namespace) -> tuple[str | None, int]:
+    """A user's error as one line and an exit status; (None, 0) for a bug, which keeps its traceback.
+
+    The error classes are looked up only in modules already imported, so that
+    the HTTP commands never import torch and the local ones never import httpx.
+    """
+    errors = sys.modules.get("worker.shapley.errors")
+    if errors is not None and isinstance(exc, errors.UserInputError):
+        return str(exc), EXIT_USER_ERROR
+    client = sys.modules.get("app.client")
+    if client is not None and isinstance(exc, client.ServiceError):
+        return str(exc), EXIT_USER_ERROR if 400 <= exc.status < 500 else EXIT_JOB_FAILED
+    httpx = sys.modules.get("httpx")
+    if httpx is not None and isinstance(exc, httpx.TransportError):
+        return (f"cannot reach the service at {args.url} ({exc}); start it with `neuronshap serve` or pass --url.",
+                EXIT_JOB_FAILED)
+    return None, 0
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -109,6 +180,104 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run("app.main:app", factory=True, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    if args.gpus:
+        return _worker_per_gpu(args)
+    from worker.tasks import app
+
+    app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "--queues", "jobs", "--loglevel", "INFO",
+                     "--hostname", f"{args.name}@%h", "--without-gossip", "--without-mingle"])
+    return 0
+
+
+def _worker_per_gpu(args: argparse.Namespace) -> int:
+    """One worker process per GPU, each seeing only its own (CUDA is never touched here, in the parent)."""
+    children = []
+    for gpu in [g.strip() for g in args.gpus.split(",") if g.strip()]:
+        env = os.environ | {"CUDA_VISIBLE_DEVICES": gpu}
+        cmd = [sys.executable, "-m", "app.cli", "worker", "--name", f"{args.name}-gpu{gpu}"]
+        children.append(subprocess.Popen(cmd, env=env))
+
+    def forward(signum, frame) -> None:
+        for child in children:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(child.wait() for child in children)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.core.db import migrate
+
+    migrate()
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from app.client import Client
+
+    for path in (args.model, args.data, args.spec):
+        if not path.is_file():
+            print(f"neuronshap: error: {path} is not a file", file=sys.stderr)
+            return EXIT_USER_ERROR
+    client = Client(args.url, args.api_key)
+    job = client.submit(args.model, args.data, args.spec.read_text(), args.idempotency_key)
+    if not args.wait:
+        print(json.dumps(job, indent=2) if args.json else job["id"])
+        return 0
+    print(f"job {job['id']} {job['state']}", file=sys.stderr)
+    state = job["state"]
+    for kind, data in client.events(job["id"]):
+        if kind == "progress":
+            print(f"  {data['iterations']} permutations, {data['evaluations']} evaluations, "
+                  f"{data['players'] - data['undecided']}/{data['players']} decided, {data['elapsed_s']:.1f}s",
+                  file=sys.stderr)
+        elif kind == "state":
+            print(f"job {job['id']} {data['state']}", file=sys.stderr)
+        elif kind == "done":
+            state = data["state"]
+    final = client.job(job["id"])
+    if state == "failed":
+        print(f"neuronshap: job {job['id']} failed: {(final.get('error') or {}).get('detail')}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    _print_neurons(client.neurons(job["id"], limit=args.limit), args.json)
+    return 0 if state == "succeeded" else EXIT_JOB_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from app.client import Client
+
+    print(json.dumps(Client(args.url, args.api_key).job(args.job_id), indent=2))
+    return 0
+
+
+def cmd_neurons(args: argparse.Namespace) -> int:
+    from app.client import Client
+
+    neurons = Client(args.url, args.api_key).neurons(args.job_id, limit=args.limit, order=args.order, layer=args.layer)
+    _print_neurons(neurons, args.json)
+    return 0
+
+
+def _print_neurons(neurons: list[dict], as_json: bool) -> None:
+    if as_json:
+        json.dump(neurons, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    print(f"{'rank':>5} {'layer':<24} {'index':>6} {'value':>10} {'lower':>10} {'upper':>10} {'samples':>8}  status")
+    for n in neurons:
+        print(f"{n['rank']:>5} {n['layer']:<24} {n['index']:>6} {n['value']:>10.5f} {n['lower']:>10.5f} "
+              f"{n['upper']:>10.5f} {n['samples']:>8}  {n['status']}")
+
+
 class ProgressBar:
     """One status line on a terminal (redrawn), or a line every few seconds in a log."""
 
@@ -146,10 +315,7 @@ def print_table(neurons: list[dict], summary: dict, limit: int, bottom_first: bo
           f"{summary['iterations']} permutations, {summary['evaluations']} evaluations, "
           f"{summary['elapsed_s']:.1f}s; stopped: {summary['stop_reason']}; "
           f"bound {summary['estimator']['bound']}, ablation {game['ablation']}")
-    print(f"{'rank':>5} {'layer':<24} {'index':>6} {'value':>10} {'lower':>10} {'upper':>10} {'samples':>8}  status")
-    for n in rows[:limit]:
-        print(f"{n['rank']:>5} {n['layer']:<24} {n['index']:>6} {n['value']:>10.5f} {n['lower']:>10.5f} "
-              f"{n['upper']:>10.5f} {n['samples']:>8}  {n['status']}")
+    _print_neurons(rows[:limit], as_json=False)
 
 
 def _fmt(value: float | None) -> str:

@@ -23,11 +23,13 @@ Sections
     and report the first point from which it stays correct to the end of the
     run ("stable-correct").
 (b) Coalition evaluations per second: many coalitions per forward pass
-    (library defaults) against one per pass, with and without the prefix cache.
+    (library defaults) against one per pass, with and without the prefix
+    cache, plus the pass size that a short timing finds fastest.
 (c) Achieved FLOP/s of the batched evaluation against a float32 matmul peak
     measured in the same run.
 (d) A one-at-a-time sweep around the defaults (bound, truncation, batch size,
-    lanes) on the digits CNN, each configuration under a time cap.
+    lanes) on the digits CNN: two seeds per configuration, each run under a
+    time cap and stopped early once its top-10 has stayed correct long enough.
 
 Choices for the full run (and why)
 ----------------------------------
@@ -60,7 +62,7 @@ Choices for the full run (and why)
   time cap. On the wide CNN one plain permutation costs 1,042 coalitions x
   450 examples (~12 s here) and a correct top-10 needs on the order of a
   thousand permutations (the 10th and 11th neurons are close and noisy), i.e.
-  hours: plain gets a 60 s cap there, we print "not reached", the plain/TMAB
+  hours: plain gets a 30 s cap there, we print "not reached", the plain/TMAB
   ratios become lower bounds (">"), and we add what plain would cost at the
   number of permutations TMAB needed (plain's measured cost per permutation x
   TMAB's permutations), labelled as an estimate.
@@ -113,6 +115,7 @@ class Scale:
     throughput_iterations: dict
     sweep_seconds: float
     sweep_confirm: int
+    sweep_seeds: tuple
     calibrate_seconds: float
     peak_size: int
 
@@ -125,13 +128,14 @@ FULL = Scale(
     ref_se_target=0.002,
     ref_min_iterations=100,
     ref_seconds={"digits": 150.0, "wide": 180.0},
-    plain_seconds={"digits": 200.0, "wide": 60.0},
+    plain_seconds={"digits": 200.0, "wide": 30.0},
     plain_confirm=20,
-    captum_seconds={"digits": 45.0, "wide": 30.0},
+    captum_seconds={"digits": 20.0, "wide": 10.0},
     tmab_seconds={"digits": 150.0, "wide": 240.0},
-    throughput_iterations={"digits": 16, "wide": 2},
-    sweep_seconds=45.0,
+    throughput_iterations={"digits": 16, "wide": 1},
+    sweep_seconds=40.0,
     sweep_confirm=40,
+    sweep_seeds=(SEED_TMAB, SEED_TMAB + 10),
     calibrate_seconds=0.3,
     peak_size=2048,
 )
@@ -151,6 +155,7 @@ QUICK = Scale(
     throughput_iterations={"digits": 1, "wide": 1},
     sweep_seconds=1.0,
     sweep_confirm=4,
+    sweep_seeds=(SEED_TMAB, SEED_TMAB + 10),
     calibrate_seconds=0.05,
     peak_size=512,
 )
@@ -592,7 +597,15 @@ def time_to_correct(model: Model, scale: Scale, ref: Reference) -> dict:
             lines.append([f"estimate: plain at TMAB's {ts.iterations} perms / TMAB", ratio(est_s, ts.seconds),
                           ratio(est_rows, ts.rows)])
         met = time_ratio >= target and rows_ratio >= target
-        verdict = ("met" if met else "NOT met") + (" (lower bound: plain never got there)" if lb else "")
+        if not lb:
+            verdict = "met" if met else "NOT met"
+        elif met:
+            verdict = "met (as a lower bound: plain never got there)"
+        else:
+            est_met = per_perm_s * ts.iterations / ts.seconds >= target and per_perm_rows * ts.iterations / ts.rows >= target
+            verdict = (f"not demonstrated directly: plain did not get there within its {scale.plain_seconds[model.kind]:.0f} s cap, so the "
+                       f"measured ratios are only lower bounds ({time_ratio:.1f}x time, {rows_ratio:.1f}x rows); the "
+                       f"permutation-matched estimate {'meets' if est_met else 'does not meet'} it")
     else:
         verdict = "not measurable: TMAB did not reach a stable-correct top-10 in its cap"
     table(["ratio", "wall time", "forward rows"], lines)
@@ -702,27 +715,37 @@ def sweep(model: Model, ref: torch.Tensor, scale: Scale, defaults_run: RunResult
     variants += [(f"truncation={t}", {"truncation": t}, 128) for t in (0.0, 0.05, 0.1, 0.2) if t != base.truncation]
     variants += [(f"batch_size={b or 'all'}", {}, b) for b in (64, 128, None) if b != 128]
     variants += [(f"lanes={l}", {"lanes": l}, 128) for l in (1, 4, 8) if l != base.lanes]
+
+    def both(values: list[object]) -> str:
+        return " / ".join(_fmt(v) for v in values)
+
     rows = []
     for label, changes, batch in variants:
-        if label == "defaults":
-            run = _cut(defaults_run, cap)
-        else:
-            run = tmab_run(model, ref, cap, batch_size=batch, confirm=scale.sweep_confirm, **changes)
-        s = run.stable
+        runs = []
+        for seed in scale.sweep_seeds:
+            if label == "defaults" and seed == SEED_TMAB:
+                runs.append(_cut(defaults_run, cap))
+            else:
+                runs.append(tmab_run(model, ref, cap, seed=seed, batch_size=batch, confirm=scale.sweep_confirm, **changes))
+        stables = [r.stable for r in runs]
+        reached = [s for s in stables if s is not None]
         rows.append([
             label,
-            f"{s.seconds:.1f}" if s else f"not reached in {cap:.0f} s",
-            s.rows if s else None,
-            s.iterations if s else None,
-            run.iterations - s.iterations if s else None,
-            run.stop, run.seconds, run.rows, run.rows / run.seconds if run.seconds else None, run.final_correct,
+            both([f"{s.seconds:.1f}" if s else "not reached" for s in stables]),
+            both([s.rows if s else None for s in stables]),
+            both([s.iterations if s else None for s in stables]),
+            f"{len(reached)}/{len(runs)}",
+            both([r.stop.replace(" (cut from (a))", "*") for r in runs]),
+            sum(r.rows for r in runs) / max(1e-9, sum(r.seconds for r in runs)),
+            both([r.final_correct for r in runs]),
         ])
-    out(f"digits CNN, one setting changed at a time from TMABConfig() (mode top, top_k 10, seed {SEED_TMAB}); "
-        f"cap {cap:.0f} s per run; a run also stops once its top-10 has stayed correct for "
-        f"max({scale.sweep_confirm}, half its permutations) permutations ('confirmed'). The defaults row is the "
-        "run of section (a) seen up to the cap. One seed per configuration: differences under ~2x are within noise.")
-    table(["configuration", "time to stable-correct (s)", "rows then", "perms then", "stayed correct for",
-           "stop", "time at stop (s)", "rows at stop", "rows/s", "top-10 at stop correct"], rows)
+    out(f"digits CNN, one setting changed at a time from TMABConfig() (mode top, top_k 10); seeds "
+        f"{' / '.join(map(str, scale.sweep_seeds))}; cap {cap:.0f} s per run; a run also stops once its top-10 has "
+        f"stayed correct for max({scale.sweep_confirm}, half its permutations) permutations ('confirmed'). "
+        f"*: the run of section (a) (seed {SEED_TMAB}) seen up to the cap. Two seeds per configuration: the time to a "
+        "stable-correct top-10 varies ~2x between seeds, so only larger differences mean something.")
+    table(["configuration", "time to stable-correct (s)", "rows then", "perms then", "reached", "stop", "rows/s",
+           "top-10 at stop correct"], rows)
 
 
 def _cut(run: RunResult, cap: float) -> RunResult:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,10 +13,29 @@ import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
+from sqlalchemy import create_engine, text
 
 from examples.digits import DigitsCNN, export_onnx, export_pt2, load_digits_split, save_eval_npz, train
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
+
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REDIS = "redis://127.0.0.1:6379"
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A database URL whose tables live in a fresh schema of the test database, dropped afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
 
 
 @dataclass

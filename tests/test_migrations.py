@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 
 from app.core.db import Base, migrate
 import app.jobs.models  # noqa: F401  (registers the tables on Base.metadata)
-
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from tests.conftest import postgres_schema
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -20,14 +17,8 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'm.db'}"
         return
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+    with postgres_schema() as url:
+        yield url
 
 
 def test_migrations_create_exactly_the_models_schema(database_url):

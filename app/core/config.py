@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     max_spec_bytes: int = 64 << 10
     publish_interval_s: float = Field(1.0, description="least time between two live-bound publications of a job")
     checkpoint_interval_s: float = Field(60.0, description="least time between two checkpoints of a job")
+    cancel_poll_s: float = Field(1.0, description="how often a running job looks for a cancel request")
+    cursor_secret: str = Field("dev-only-change-me", description="signs page cursors; set the same value on every API replica")
+    allow_pickle_models: bool = Field(False, description="accept .pt2 uploads, whose loading unpickles (runs code)")
+    migrate_on_start: bool = Field(True, description="run the migrations when the API starts")
+    ablation_k: int = Field(10, ge=1, description="the ablation check removes the top 1..K neurons")
 
     @property
     def resolved_database_url(self) -> str:

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
@@ -44,12 +44,13 @@ def get_engine(url: str | None = None) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def session_factory() -> sessionmaker[Session]:
-    return sessionmaker(get_engine(), expire_on_commit=False)
+@lru_cache
+def session_factory(url: str | None = None) -> sessionmaker[Session]:
+    return sessionmaker(get_engine(url), expire_on_commit=False)
 
 
-def get_session() -> Iterator[Session]:
-    with session_factory()() as session:
+def get_session(request: Request) -> Iterator[Session]:
+    with session_factory(request.app.state.settings.resolved_database_url)() as session:
         yield session
 
 

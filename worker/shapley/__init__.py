@@ -8,6 +8,7 @@ evaluation set, make a :class:`NeuronGame`, and run :func:`run_tmab`.
     ranked_neurons(game, estimate)[:10]
 """
 
+from .ablation import ablation_curve
 from .data import EvalData, load_data
 from .errors import DataError, ModelError, SpecError, UserInputError
 from .exact import exact_shapley
@@ -20,5 +21,5 @@ from .tmab import MODES, Estimate, Progress, TMABConfig, run_tmab
 __all__ = [
     "ABLATIONS", "METRICS", "MODES", "DataError", "Estimate", "EvalData", "MetricSpec", "ModelError",
     "NeuronGame", "Progress", "SpecError", "TMABConfig", "UserInputError", "exact_shapley", "load_data",
-    "load_model", "ranked_neurons", "run_summary", "run_tmab",
+    "load_model", "ranked_neurons", "run_summary", "run_tmab", "ablation_curve",
 ]

@@ -1,0 +1,99 @@
+"""A small HTTP client of the service, for the ``neuronshap`` commands and for pipelines.
+
+It follows a job through its event stream and reconnects with
+``Last-Event-ID`` when the connection drops, so a flaky network or an API
+restart costs nothing but a moment.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+class ServiceError(Exception):
+    """The service answered with a problem document (or not at all)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+class Client:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def _check(self, response: httpx.Response) -> httpx.Response:
+        if response.is_success:
+            return response
+        try:
+            problem = response.json()
+            detail = problem.get("detail") or problem.get("title") or response.text
+            if problem.get("field"):
+                detail = f"{problem['field']}: {detail}"
+        except ValueError:
+            detail = response.text[:500]
+        raise ServiceError(response.status_code, f"HTTP {response.status_code}: {detail}")
+
+    def submit(self, model: Path, data: Path, spec: str, idempotency_key: str | None = None) -> dict:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        with open(model, "rb") as m, open(data, "rb") as d:
+            files = {"model": (Path(model).name, m), "data": (Path(data).name, d)}
+            return self._check(self.http.post("/v1/jobs", files=files, data={"spec": spec}, headers=headers)).json()
+
+    def job(self, job_id: str) -> dict:
+        return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
+
+    def neurons(self, job_id: str, limit: int | None = None, order: str = "desc", layer: str | None = None) -> list[dict]:
+        """Up to ``limit`` ranked neurons (all when None), following the pages."""
+        out: list[dict] = []
+        cursor = None
+        while limit is None or len(out) < limit:
+            params = {"order": order, "limit": min(1000, limit - len(out)) if limit else 1000}
+            if cursor:
+                params["cursor"] = cursor
+            if layer:
+                params["layer"] = layer
+            page = self._check(self.http.get(f"/v1/jobs/{job_id}/neurons", params=params)).json()
+            out += page["items"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        return out
+
+    def events(self, job_id: str, retries: int = 30) -> Iterator[tuple[str, dict]]:
+        """The job's events until ``done``, reconnecting after the last event seen."""
+        last_id: str | None = None
+        failures = 0
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None) as response:
+                    if not response.is_success:
+                        response.read()
+                        self._check(response)
+                    kind, data_lines, event_id = None, [], None
+                    for line in response.iter_lines():
+                        failures = 0
+                        if line.startswith("event:"):
+                            kind = line[6:].strip()
+                        elif line.startswith("data:"):
+                            data_lines.append(line[5:].strip())
+                        elif line.startswith("id:"):
+                            event_id = line[3:].strip()
+                        elif line == "" and kind is not None:
+                            yield kind, json.loads("\n".join(data_lines) or "{}")
+                            last_id = event_id or last_id
+                            if kind == "done":
+                                return
+                            kind, data_lines, event_id = None, [], None
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                failures += 1
+                if failures > retries:
+                    raise
+                time.sleep(min(5.0, 0.5 * failures))

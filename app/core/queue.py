@@ -1,0 +1,105 @@
+"""Handing jobs to workers: Celery over a broker, or a thread of this process.
+
+Both adapters take only a job id: the job itself is in the database, which is
+the record of what to run. With a broker configured, :func:`celery_app` is
+shared by the API (to send) and ``worker.tasks`` (to run).
+
+A Celery message is acknowledged when a worker *receives* it
+(``task_acks_late`` off), not when the job ends. With Redis as the broker an
+unacknowledged message goes back to the queue after the visibility timeout,
+and jobs run for hours: acknowledging late would hand a running job to a
+second worker. A job whose worker dies is recovered from the database (its
+state and checkpoint), not from the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import TYPE_CHECKING, Protocol
+
+from .config import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .bus import Bus
+
+TASK_RUN_JOB = "neuronshap.run_job"
+QUEUE = "jobs"
+
+log = logging.getLogger(__name__)
+
+
+class Queue(Protocol):
+    def enqueue(self, job_id: str) -> None: ...
+    def ping(self) -> None: ...
+
+
+@lru_cache
+def celery_app(broker_url: str) -> "Celery":
+    from celery import Celery
+
+    app = Celery("neuronshap", broker=broker_url)
+    app.conf.update(
+        task_default_queue=QUEUE,
+        task_acks_late=False,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,  # a worker holds one job at a time; the rest stay in the queue for others
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 12 * 3600},
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+class CeleryQueue:
+    def __init__(self, broker_url: str) -> None:
+        self.app = celery_app(broker_url)
+
+    def enqueue(self, job_id: str) -> None:
+        self.app.send_task(TASK_RUN_JOB, args=[job_id], queue=QUEUE)
+
+    def ping(self) -> None:
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
+
+
+class ThreadQueue:
+    """The embedded default: jobs run one at a time on a thread of the API process.
+
+    The estimator (and torch) is imported on the first job, not before, so
+    the API stays light until there is work.
+    """
+
+    def __init__(self, settings: Settings, bus: "Bus") -> None:
+        self.settings, self.bus = settings, bus
+        self._stopping = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuronshap-job")
+
+    def enqueue(self, job_id: str) -> None:
+        self._pool.submit(self._run, job_id)
+
+    def _run(self, job_id: str) -> None:
+        from worker.runner import run_job
+
+        try:
+            run_job(job_id, self.settings, self.bus, should_exit=self._stopping.is_set)
+        except Exception:  # the runner records job errors itself; this is a bug in it, keep the thread alive
+            log.exception("job %s: runner failed", job_id)
+
+    def ping(self) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        """Stop: a running job checkpoints and goes back to ``queued``; the next start resumes it."""
+        self._stopping.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def make_queue(settings: Settings, bus: "Bus") -> Queue:
+    return CeleryQueue(settings.broker_url) if settings.broker_url else ThreadQueue(settings, bus)

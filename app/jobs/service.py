@@ -1,0 +1,349 @@
+"""What the jobs API does, one function per operation; the routes only parse and answer.
+
+The database is the record of every job. While a job runs, its current
+estimates, bounds and progress live on the bus (Redis, or memory in the
+embedded default), published by the worker; reads of a running job answer
+from there, reads of a finished one from the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+
+from fastapi import UploadFile
+from pydantic import ValidationError
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core import cursors
+from app.core.blobs import CHUNK, BlobStore, BlobTooLarge
+from app.core.bus import Bus, valid_event_id
+from app.core.config import Settings
+from app.core.db import session_factory
+from app.core.problems import Problem, field_path, not_found
+from app.core.queue import Queue
+
+from . import uploads
+from .models import ACTIVE_STATES, FINISHED_STATES, Job, JobAblation, JobNeuron
+from .schemas import JobSpec, Progress
+
+log = logging.getLogger(__name__)
+
+EVENT_BLOCK_S = 5.0  # a read of the event stream waits this long, then the job's record is checked
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """Datetimes come back naive from SQLite and aware from PostgreSQL; both are UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# --- creating a job -------------------------------------------------------------------------------------------
+
+
+def parse_spec(text: str, limit: int) -> JobSpec:
+    if len(text.encode()) > limit:
+        raise Problem(413, "too-large", "Spec too large", f"The spec is over {limit} bytes; it should be a small JSON object.",
+                      field="spec")
+    try:
+        return JobSpec.model_validate_json(text)
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = "spec." + field_path(tuple(errors[0].get("loc", ()))) if errors[0].get("loc") else "spec"
+        detail = "; ".join(
+            (f"spec.{field_path(tuple(e['loc']))}: " if e.get("loc") else "spec: ") + e["msg"] for e in errors
+        )
+        if errors[0]["type"] == "json_invalid":
+            detail = f"The spec is not valid JSON ({errors[0]['msg']}); send a JSON object such as {{\"metric\": {{\"name\": \"accuracy\"}}}}."
+        raise Problem(422, "invalid-spec", "Invalid spec", detail, field=where) from exc
+
+
+async def _store_upload(store: BlobStore, upload: UploadFile, limit: int, field: str) -> tuple[str, int]:
+    async def chunks() -> AsyncIterator[bytes]:
+        while chunk := await upload.read(CHUNK):
+            yield chunk
+
+    try:
+        digest, size = await store.put_stream(chunks(), limit)
+    except BlobTooLarge as exc:
+        raise Problem(413, "too-large", "Upload too large",
+                      f"The {field} file is larger than this service's limit of {exc.limit} bytes.", field=field) from exc
+    if size == 0:
+        raise Problem(422, "invalid-file", "Invalid file", f"The {field} file is empty.", field=field)
+    return digest, size
+
+
+def _forget_blob(session: Session, store: BlobStore, digest: str) -> None:
+    """Delete a blob no job refers to (a job shares a blob with every other upload of the same bytes)."""
+    used = session.scalar(select(func.count()).select_from(Job).where(or_(Job.model_blob == digest, Job.data_blob == digest)))
+    if not used:
+        store.delete(digest)
+
+
+async def create_job(
+    session: Session, settings: Settings, store: BlobStore, queue: Queue, bus: Bus, tenant: str,
+    spec_text: str, model: UploadFile, data: UploadFile, idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """Store the uploads, record the job and queue it. Returns the job and whether it is new.
+
+    With an ``Idempotency-Key``, a retry of the same request returns the job
+    the first one made; the same key with another payload is refused.
+    """
+    spec = parse_spec(spec_text, settings.max_spec_bytes)
+    model_blob, _ = await _store_upload(store, model, settings.max_model_bytes, "model")
+    data_blob, _ = await _store_upload(store, data, settings.max_data_bytes, "data")
+    try:
+        model_fmt = uploads.model_format(model.filename, store.path(model_blob), settings.allow_pickle_models)
+        data_fmt = uploads.data_format(data.filename, store.path(data_blob))
+    except Problem:
+        _forget_blob(session, store, model_blob)
+        _forget_blob(session, store, data_blob)
+        raise
+
+    spec_json = spec.model_dump(mode="json", by_alias=True)
+    request_hash = hashlib.sha256(
+        json.dumps([spec_json, model_blob, data_blob], sort_keys=True).encode()
+    ).hexdigest()
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= 200:
+            raise Problem(400, "invalid-idempotency-key", "Invalid Idempotency-Key",
+                          "The Idempotency-Key header must be 1 to 200 characters (a UUID is a good choice).",
+                          field="Idempotency-Key")
+        existing = _by_idempotency_key(session, tenant, idempotency_key, request_hash)
+        if existing is not None:
+            return existing, False
+
+    job = Job(
+        id=f"j_{secrets.token_hex(10)}", tenant=tenant, state="queued", name=spec.name, spec=spec_json,
+        model_blob=model_blob, model_format=model_fmt, data_blob=data_blob, data_format=data_fmt,
+        idempotency_key=idempotency_key, request_hash=request_hash, created_at=now(),
+        progress=Progress().model_dump(), cancel_requested=False,
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent retry under the same key won the race
+        session.rollback()
+        existing = _by_idempotency_key(session, tenant, idempotency_key, request_hash) if idempotency_key else None
+        if existing is None:
+            raise
+        return existing, False
+
+    bus.publish(job.id, "state", {"state": "queued"})
+    try:
+        queue.enqueue(job.id)
+    except Exception:  # the job is recorded as queued; it is sent again when the queue is back
+        log.exception("job %s: could not be queued", job.id)
+    return job, True
+
+
+def _by_idempotency_key(session: Session, tenant: str, key: str, request_hash: str) -> Job | None:
+    job = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
+    if job is not None and job.request_hash != request_hash:
+        raise Problem(422, "idempotency-key-reused", "Idempotency-Key reused",
+                      f"The Idempotency-Key {key!r} was used for another request (job {job.id}) with a different spec "
+                      "or files; use a new key for a new job.", field="Idempotency-Key")
+    return job
+
+
+# --- reading jobs ---------------------------------------------------------------------------------------------
+
+
+def get_job(session: Session, tenant: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant != tenant:
+        raise not_found("job", job_id)
+    return job
+
+
+def job_view(job: Job, bus: Bus) -> dict:
+    """The job as API.md shows it; a running job's progress comes from the bus, fresher than the database."""
+    progress = job.progress
+    if job.state in ACTIVE_STATES:
+        live = _live(bus, job.id)
+        if live is not None:
+            progress = live["progress"]
+    base = f"/v1/jobs/{job.id}"
+    return {
+        "id": job.id, "state": job.state, "created_at": utc(job.created_at), "started_at": utc(job.started_at),
+        "finished_at": utc(job.finished_at), "spec": job.spec, "progress": progress, "error": job.error,
+        "links": {"self": base, "neurons": f"{base}/neurons", "events": f"{base}/events", "ablation": f"{base}/ablation"},
+    }
+
+
+def _live(bus: Bus, job_id: str) -> dict | None:
+    """The live snapshot, or None when the bus is unreachable: the database answers instead, a little staler."""
+    try:
+        return bus.get_live(job_id)
+    except Exception as exc:  # Redis down must not turn reads into 500s
+        log.warning("live state of %s unavailable: %s", job_id, exc)
+        return None
+
+
+def list_jobs(session: Session, settings: Settings, bus: Bus, tenant: str, state: str | None, limit: int,
+              cursor: str | None) -> dict:
+    scope = f"jobs:{tenant}:{state or ''}"
+    query = select(Job).where(Job.tenant == tenant)
+    if state is not None:
+        query = query.where(Job.state == state)
+    if cursor is not None:
+        pos = cursors.decode(cursor, scope, settings.cursor_secret)
+        created, last_id = datetime.fromisoformat(pos["c"]), pos["i"]
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
+    jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = None
+    if len(jobs) > limit:
+        jobs = jobs[:limit]
+        last = jobs[-1]
+        next_cursor = cursors.encode({"c": utc(last.created_at).isoformat(), "i": last.id}, scope, settings.cursor_secret)
+    return {"items": [job_view(j, bus) for j in jobs], "next_cursor": next_cursor}
+
+
+# --- neurons and the ablation check ---------------------------------------------------------------------------
+
+
+def list_neurons(session: Session, settings: Settings, bus: Bus, job: Job, order: str, limit: int,
+                 cursor: str | None, layer: str | None) -> dict:
+    """The ranked neurons: live while the job runs, final after (rank 1 = highest value)."""
+    scope = f"neurons:{job.id}:{order}:{layer or ''}"
+    after = cursors.decode(cursor, scope, settings.cursor_secret)["r"] if cursor else None
+    descending_value = order == "desc"  # highest value first = rank ascending
+    if job.state in ACTIVE_STATES:
+        live = _live(bus, job.id)
+        rows = live["neurons"] if live is not None else []
+        rows = [n for n in rows if layer is None or n["layer"] == layer]
+        rows.sort(key=lambda n: n["rank"], reverse=not descending_value)
+        if after is not None:
+            rows = [n for n in rows if (n["rank"] > after if descending_value else n["rank"] < after)]
+        page = rows[: limit + 1]
+    else:
+        query = select(JobNeuron).where(JobNeuron.job_id == job.id)
+        if layer is not None:
+            query = query.where(JobNeuron.layer == layer)
+        if after is not None:
+            query = query.where(JobNeuron.rank > after if descending_value else JobNeuron.rank < after)
+        query = query.order_by(JobNeuron.rank if descending_value else JobNeuron.rank.desc()).limit(limit + 1)
+        page = [
+            {"rank": n.rank, "layer": n.layer, "index": n.index, "value": n.value, "lower": n.lower,
+             "upper": n.upper, "samples": n.samples, "status": n.status}
+            for n in session.scalars(query)
+        ]
+    next_cursor = None
+    if len(page) > limit:
+        page = page[:limit]
+        next_cursor = cursors.encode({"r": page[-1]["rank"]}, scope, settings.cursor_secret)
+    return {"items": page, "next_cursor": next_cursor}
+
+
+def get_ablation(session: Session, job: Job) -> dict:
+    ablation = session.get(JobAblation, job.id)
+    if ablation is None:
+        raise Problem(409, "not-ready", "No ablation check yet",
+                      f"The ablation check is measured when a job succeeds; job {job.id} is {job.state}."
+                      + (" Poll GET /v1/jobs/{id} until it is succeeded." if job.state in ACTIVE_STATES else ""))
+    return ablation.curve
+
+
+# --- cancelling and deleting ----------------------------------------------------------------------------------
+
+
+def cancel_job(session: Session, bus: Bus, tenant: str, job_id: str) -> Job:
+    """Queued jobs end at once; running ones are asked to stop and end ``cancelled`` within seconds."""
+    job = get_job(session, tenant, job_id)
+    t = now()
+    # Conditional updates: the worker may change the state at the same moment.
+    if session.execute(update(Job).where(Job.id == job_id, Job.state == "queued")
+                       .values(state="cancelled", cancel_requested=True, finished_at=t)).rowcount:
+        session.commit()
+        bus.publish(job_id, "state", {"state": "cancelled"})
+        bus.publish(job_id, "done", {"state": "cancelled"})
+    elif session.execute(update(Job).where(Job.id == job_id, Job.state == "running")
+                         .values(state="cancelling", cancel_requested=True)).rowcount:
+        session.commit()
+        bus.publish(job_id, "state", {"state": "cancelling"})
+    session.refresh(job)
+    if job.state in ("succeeded", "failed"):
+        raise Problem(409, "job-finished", "Job already finished",
+                      f"Job {job_id} is {job.state}; only a queued or running job can be cancelled.")
+    return job
+
+
+def delete_job(session: Session, store: BlobStore, bus: Bus, tenant: str, job_id: str) -> None:
+    job = get_job(session, tenant, job_id)
+    if job.state not in FINISHED_STATES:
+        raise Problem(409, "job-active", "Job still active",
+                      f"Job {job_id} is {job.state}; cancel it (POST /v1/jobs/{job_id}/cancel) and delete it once it "
+                      "is cancelled.")
+    blobs = {job.model_blob, job.data_blob}
+    for table in (JobNeuron, JobAblation):  # explicit: SQLite enforces ON DELETE CASCADE only per connection setting
+        session.execute(delete(table).where(table.job_id == job_id))
+    session.delete(job)
+    session.commit()
+    for digest in blobs:
+        _forget_blob(session, store, digest)
+    bus.clear(job_id)
+
+
+# --- events ---------------------------------------------------------------------------------------------------
+
+
+async def job_events(session: Session, settings: Settings, bus: Bus, tenant: str, job_id: str,
+                     last_event_id: str | None, disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+    """Server-Sent Events of a job until its ``done`` event, resuming after ``Last-Event-ID``.
+
+    Events come from the job's stream on the bus. When the stream has nothing
+    to say (a finished job whose stream has expired, or a bus that is down),
+    the job's record in the database says how it ended.
+    """
+    if last_event_id is not None and not valid_event_id(last_event_id):
+        raise Problem(400, "invalid-event-id", "Invalid Last-Event-ID",
+                      f"Last-Event-ID {last_event_id!r} is not an id this stream sent; omit it to start from the beginning.",
+                      field="Last-Event-ID")
+    job = get_job(session, tenant, job_id)
+    session.close()  # a stream may stay open for hours: hold no connection meanwhile
+    after = last_event_id
+    factory = session_factory(settings.resolved_database_url)
+
+    async def stream() -> AsyncIterator[str]:
+        nonlocal after
+        yield "retry: 2000\n\n"
+        while not await disconnected():
+            try:
+                events = await asyncio.to_thread(bus.read, job.id, after, EVENT_BLOCK_S)
+            except Exception as exc:  # the bus is down: say so, and fall back on the record
+                log.warning("events of %s unavailable: %s", job.id, exc)
+                events = []
+                await asyncio.sleep(1.0)
+            for event_id, kind, data in events:
+                after = event_id
+                yield _sse(kind, data, event_id)
+                if kind == "done":
+                    return
+            if not events:
+                with factory() as session:
+                    current = session.get(Job, job.id)
+                if current is None or current.state in FINISHED_STATES:
+                    state = current.state if current is not None else "deleted"
+                    yield _sse("state", {"state": state, "error": current.error if current else None})
+                    yield _sse("done", {"state": state})
+                    return
+                yield ": keep-alive\n\n"
+
+    return stream()
+
+
+def _sse(kind: str, data: dict, event_id: str | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"

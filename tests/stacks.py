@@ -1,0 +1,107 @@
+"""The service assembled for tests: the embedded default, or PostgreSQL + Redis + a Celery worker process.
+
+The API runs in the test process (``TestClient``); in the full stack the
+worker is a separate ``neuronshap worker`` process talking to the same
+PostgreSQL schema, Redis database and blob directory, as in production.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from fastapi.testclient import TestClient
+
+from app.core.config import Settings
+from app.core.db import migrate
+from app.main import create_app
+from tests.conftest import REDIS, postgres_schema
+
+REDIS_DB = 13  # tests own this Redis database and empty it
+FAST = {"publish_interval_s": 0.2, "cancel_poll_s": 0.2, "checkpoint_interval_s": 1.0}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Stack:
+    kind: str
+    settings: Settings
+    client: TestClient
+    worker_log: Path | None = None
+
+    def wait(self, job_id: str, states: tuple[str, ...], timeout: float = 120.0) -> dict:
+        """Poll the job until it is in one of ``states``; fails with the worker's log on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.client.get(f"/v1/jobs/{job_id}").json()
+            if job["state"] in states:
+                return job
+            if time.monotonic() > deadline:
+                log = self.worker_log.read_text()[-3000:] if self.worker_log else ""
+                raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s (wanted {states})\n{log}")
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def embedded(tmp: Path, **overrides) -> Iterator[Stack]:
+    settings = Settings(data_dir=tmp, **(FAST | overrides))
+    with TestClient(create_app(settings)) as client:
+        yield Stack("embedded", settings, client)
+
+
+@contextlib.contextmanager
+def full(tmp: Path, **overrides) -> Iterator[Stack]:
+    """PostgreSQL (a fresh schema), Redis (database 13, emptied) and a real Celery worker process."""
+    redis.Redis.from_url(f"{REDIS}/{REDIS_DB}").flushdb()
+    with postgres_schema() as database_url:
+        settings = Settings(data_dir=tmp, database_url=database_url, broker_url=f"{REDIS}/{REDIS_DB}",
+                            redis_url=f"{REDIS}/{REDIS_DB}", blob_dir=tmp / "blobs", **(FAST | overrides))
+        migrate(database_url)
+        log = tmp / "worker.log"
+        with worker_process(settings, log):
+            with TestClient(create_app(settings.model_copy(update={"migrate_on_start": False}))) as client:
+                yield Stack("full", settings, client, log)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"NEURONSHAP_{name.upper()}"] = str(value)
+    return env
+
+
+@contextlib.contextmanager
+def worker_process(settings: Settings, log: Path) -> Iterator[subprocess.Popen]:
+    """``neuronshap worker`` in its own process; returns once Celery says it is ready."""
+    env = os.environ | settings_env(settings) | {"PYTHONUNBUFFERED": "1"}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while b" ready." not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

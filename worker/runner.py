@@ -1,0 +1,275 @@
+"""Runs one job: the bridge between the database record, the estimator library and the live bus.
+
+The runner claims a queued job (a conditional update, so two deliveries of
+the same job never both run it), builds the game from the job's uploads,
+runs TMAB-Shapley from the job's last checkpoint if it has one, and on the
+way publishes live estimates (throttled), saves checkpoints (throttled) and
+watches for a cancel request. The result — neurons, summary, ablation curve
+and final state — is written in one transaction, so it is whole or absent.
+
+Errors in the user's input (a layer glob that matches nothing, data the model
+rejects) fail the job with the library's message; anything else fails it
+with a short message and the traceback goes to the worker's log only.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import delete, func, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.blobs import BlobStore
+from app.core.bus import Bus
+from app.core.config import Settings
+from app.core.db import session_factory
+from app.jobs.models import Job, JobAblation, JobCheckpoint, JobNeuron
+from worker.shapley import (
+    MetricSpec, NeuronGame, Progress, TMABConfig, UserInputError, ablation_curve, load_data, load_model,
+    ranked_neurons, run_summary, run_tmab,
+)
+from worker.shapley.errors import DataError, ModelError, SpecError
+
+log = logging.getLogger(__name__)
+
+ERROR_TYPES = {ModelError: "model-error", DataError: "data-error", SpecError: "spec-error"}
+TMAB_FIELDS = ("mode", "top_k", "delta", "epsilon", "half_width", "bound", "truncation", "patience", "seed",
+               "max_iterations", "max_evaluations", "max_seconds")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[], bool] | None = None) -> str | None:
+    """Run a job to its end; returns its new state, or None when it was not ours to run.
+
+    ``should_exit`` is the worker shutting down: the job stops at the next
+    pass, saves a checkpoint and goes back to ``queued`` for the next worker.
+    """
+    db = session_factory(settings.resolved_database_url)
+    with db() as session:
+        claimed = session.execute(
+            update(Job).where(Job.id == job_id, Job.state == "queued")
+            .values(state="running", started_at=func.coalesce(Job.started_at, now()))
+        ).rowcount
+        session.commit()
+        job = session.get(Job, job_id) if claimed else None
+    if job is None:
+        log.info("job %s: not queued (cancelled, deleted or taken by another worker); skipped", job_id)
+        return None
+    _publish(bus, job_id, "state", {"state": "running"})
+
+    reporter = _Reporter(job_id, settings, bus, db, should_exit or (lambda: False))
+    try:
+        with tempfile.TemporaryDirectory(prefix="neuronshap-") as tmp:
+            game, config = _build(job, settings, Path(tmp))
+        with db() as session:
+            checkpoint = session.get(JobCheckpoint, job_id)
+            resume = checkpoint.state if checkpoint is not None else None
+        reporter.start(game, config)
+        estimate = run_tmab(game, config, resume_from=resume, on_progress=reporter.on_progress,
+                            should_stop=reporter.should_stop)
+    except UserInputError as exc:
+        return _fail(db, bus, job_id, ERROR_TYPES.get(type(exc), "invalid-input"), "The job's input was rejected", str(exc))
+    except Exception as exc:
+        log.exception("job %s: failed", job_id)
+        return _fail(db, bus, job_id, "internal", "The worker failed",
+                     f"The worker failed on this job ({type(exc).__name__}); the operator has the details in its log.")
+
+    if estimate.stop_reason == "stopped" and reporter.exiting:
+        return _requeue(db, bus, job_id, reporter)
+    neurons = ranked_neurons(game, estimate)
+    summary = run_summary(game, estimate) | {"publish_s": reporter.publish_s, "checkpoints": reporter.checkpoints}
+    if estimate.stop_reason == "stopped":
+        return _finish(db, bus, job_id, "cancelled", neurons, summary, reporter.progress_dict(estimate), None)
+    curve = ablation_curve(game, estimate.values, k=settings.ablation_k, seed=config.seed)
+    return _finish(db, bus, job_id, "succeeded", neurons, summary, reporter.progress_dict(estimate), curve)
+
+
+def _build(job: Job, settings: Settings, tmp: Path) -> tuple[NeuronGame, TMABConfig]:
+    """The game and the estimator settings the job's spec asks for."""
+    if job.model_format == "pt2" and not settings.allow_pickle_models:
+        raise ModelError("This worker does not load .pt2 programs (loading one unpickles); upload an ONNX export.")
+    store = BlobStore(settings.resolved_blob_dir)
+    # The loaders read the format from the file's extension; blobs are stored by hash alone.
+    model_path, data_path = tmp / f"model.{job.model_format}", tmp / f"data.{job.data_format}"
+    model_path.symlink_to(store.path(job.model_blob).resolve())
+    data_path.symlink_to(store.path(job.data_blob).resolve())
+    spec = job.spec
+    metric = spec["metric"]
+    groups = metric.get("groups")
+    game = NeuronGame(
+        load_model(model_path), load_data(data_path),
+        MetricSpec(metric["name"], class_=metric.get("class"), group=metric.get("group"),
+                   groups=tuple(groups) if groups else None),
+        layers=spec["players"].get("layers"), ablation=spec["players"]["ablation"],
+        batch_size=spec["estimator"]["batch_size"],
+    )
+    config = TMABConfig(**{k: spec["estimator"][k] for k in TMAB_FIELDS})
+    config.validate(game.n_players)
+    return game, config
+
+
+@dataclass
+class _Reporter:
+    """The run's side channels, each throttled: live bounds, checkpoints, cancel requests, shutdown."""
+
+    job_id: str
+    settings: Settings
+    bus: Bus
+    db: sessionmaker[Session]
+    should_exit: Callable[[], bool]
+    game: NeuronGame | None = None
+    config: TMABConfig | None = None
+    last: Progress | None = None
+    publish_s: float = 0.0  # time spent building and publishing live state: the cost the service adds to a run
+    checkpoints: int = 0
+    exiting: bool = False
+    cancelled: bool = False
+    _published_at: float = 0.0
+    _checkpointed_at: float = field(default_factory=time.monotonic)
+    _polled_at: float = 0.0
+
+    def start(self, game: NeuronGame, config: TMABConfig) -> None:
+        self.game, self.config = game, config
+
+    def on_progress(self, progress: Progress) -> None:
+        self.last = progress
+        t = time.monotonic()
+        if t - self._published_at >= self.settings.publish_interval_s:
+            self._published_at = t
+            self.publish(progress)
+            self.publish_s += time.monotonic() - t
+        if t - self._checkpointed_at >= self.settings.checkpoint_interval_s:
+            self._checkpointed_at = t
+            self.save_checkpoint()
+
+    def publish(self, progress: Progress) -> None:
+        estimate = progress.estimate
+        neurons = ranked_neurons(self.game, estimate)
+        live = {"state": "cancelling" if self.cancelled else "running", "progress": self.progress_dict(estimate, progress.undecided),
+                "neurons": neurons, "updated_at": now().isoformat()}
+        try:
+            self.bus.set_live(self.job_id, live)
+            self.bus.publish(self.job_id, "progress", live["progress"])
+            shown = min(len(neurons), max(2 * self.config.top_k, 20))
+            head = neurons[-shown:][::-1] if self.config.mode == "bottom" else neurons[:shown]
+            self.bus.publish(self.job_id, "bounds", {"neurons": head, "of": len(neurons)})
+        except Exception as exc:  # the live view is best effort; the run goes on
+            log.warning("job %s: live state not published: %s", self.job_id, exc)
+
+    def save_checkpoint(self) -> None:
+        if self.last is None:
+            return
+        state, estimate = self.last.checkpoint(), self.last.estimate
+        try:
+            with self.db() as session:
+                session.merge(JobCheckpoint(job_id=self.job_id, state=state, iterations=estimate.iterations, saved_at=now()))
+                session.execute(update(Job).where(Job.id == self.job_id)
+                                .values(progress=self.progress_dict(estimate, self.last.undecided)))
+                session.commit()
+            self.checkpoints += 1
+        except Exception as exc:  # a missed checkpoint costs only work since the previous one
+            log.warning("job %s: checkpoint not saved: %s", self.job_id, exc)
+
+    def should_stop(self) -> bool:
+        if self.should_exit():
+            self.exiting = True
+            return True
+        t = time.monotonic()
+        if not self.cancelled and t - self._polled_at >= self.settings.cancel_poll_s:
+            self._polled_at = t
+            try:
+                with self.db() as session:
+                    self.cancelled = bool(session.get(Job, self.job_id).cancel_requested)
+            except Exception as exc:
+                log.warning("job %s: cancel flag not read: %s", self.job_id, exc)
+        return self.cancelled
+
+    def progress_dict(self, estimate, undecided: int | None = None) -> dict:
+        undecided = estimate.status.count("undecided") if undecided is None else undecided
+        return {
+            "iterations": estimate.iterations, "evaluations": estimate.evaluations,
+            "players": len(estimate.status), "undecided": undecided,
+            "v_full": estimate.v_full, "v_empty": estimate.v_empty, "elapsed_s": round(estimate.elapsed_s, 3),
+            "eta_s": _eta(estimate, self.config),
+        }
+
+
+def _eta(estimate, config: TMABConfig) -> float | None:
+    """Time left until the nearest budget, at the rate so far; None without a budget (convergence has no ETA)."""
+    if estimate.iterations == 0 or estimate.elapsed_s <= 0:
+        return None
+    left = []
+    if config.max_seconds is not None:
+        left.append(config.max_seconds - estimate.elapsed_s)
+    if config.max_iterations is not None:
+        left.append(estimate.elapsed_s * (config.max_iterations - estimate.iterations) / estimate.iterations)
+    if config.max_evaluations is not None and estimate.evaluations:
+        left.append(estimate.elapsed_s * (config.max_evaluations - estimate.evaluations) / estimate.evaluations)
+    return round(max(0.0, min(left)), 1) if left else None
+
+
+def _finish(db: sessionmaker[Session], bus: Bus, job_id: str, state: str, neurons: list[dict], summary: dict,
+            progress: dict, curve: dict | None) -> str:
+    """Write the result and the final state in one transaction."""
+    with db() as session:
+        session.execute(delete(JobNeuron).where(JobNeuron.job_id == job_id))
+        session.add_all(JobNeuron(job_id=job_id, **n) for n in neurons)
+        if curve is not None:
+            session.merge(JobAblation(job_id=job_id, curve=curve))
+        session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
+        session.execute(update(Job).where(Job.id == job_id).values(
+            state=state, finished_at=now(), summary=summary, progress=progress))
+        session.commit()
+    _publish(bus, job_id, "state", {"state": state})
+    _publish(bus, job_id, "done", {"state": state})
+    _ended(bus, job_id)
+    log.info("job %s: %s", job_id, state)
+    return state
+
+
+def _fail(db: sessionmaker[Session], bus: Bus, job_id: str, kind: str, title: str, detail: str) -> str:
+    with db() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(
+            state="failed", finished_at=now(), error={"type": kind, "title": title, "detail": detail}))
+        session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
+        session.commit()
+    _publish(bus, job_id, "state", {"state": "failed", "error": {"type": kind, "title": title, "detail": detail}})
+    _publish(bus, job_id, "done", {"state": "failed"})
+    _ended(bus, job_id)
+    log.info("job %s: failed: %s", job_id, detail)
+    return "failed"
+
+
+def _requeue(db: sessionmaker[Session], bus: Bus, job_id: str, reporter: _Reporter) -> str:
+    """The worker is shutting down: keep the work done so far and hand the job back."""
+    reporter.save_checkpoint()
+    with db() as session:
+        session.execute(update(Job).where(Job.id == job_id, Job.state == "running").values(state="queued"))
+        session.commit()
+    _publish(bus, job_id, "state", {"state": "queued"})
+    log.info("job %s: handed back at a checkpoint (worker shutting down)", job_id)
+    return "queued"
+
+
+def _ended(bus: Bus, job_id: str) -> None:
+    try:
+        bus.ended(job_id)
+    except Exception as exc:
+        log.warning("job %s: live state not dropped: %s", job_id, exc)
+
+
+def _publish(bus: Bus, job_id: str, kind: str, data: dict) -> None:
+    try:
+        bus.publish(job_id, kind, data)
+    except Exception as exc:
+        log.warning("job %s: event %s not published: %s", job_id, kind, exc)
+

@@ -1,0 +1,44 @@
+"""The Celery side: ``celery -A worker.tasks worker`` (or ``neuronshap worker``) runs jobs sent by the API.
+
+A worker process runs one job at a time in its main process (the ``solo``
+pool): nothing is forked after torch is loaded, and a GPU is initialised only
+inside the job. Run one worker process per GPU, each with its own
+``CUDA_VISIBLE_DEVICES`` (``neuronshap worker --gpus 0,1`` does that).
+
+On a warm shutdown (SIGTERM, or Ctrl-C once) a running job stops at its next
+forward pass, saves a checkpoint and is sent back to the queue, so stopping a
+worker loses no work and does not wait for a job that may run for hours.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery.signals import worker_shutting_down
+
+from app.core.bus import make_bus
+from app.core.config import get_settings
+from app.core.queue import TASK_RUN_JOB, CeleryQueue, celery_app
+from worker.runner import run_job
+
+log = logging.getLogger(__name__)
+
+settings = get_settings()
+if not settings.broker_url:
+    raise SystemExit("neuronshap worker needs a broker: set NEURONSHAP_BROKER_URL (e.g. redis://localhost:6379/0). "
+                     "Without one, `neuronshap serve` runs jobs in its own process.")
+app = celery_app(settings.broker_url)
+_bus = make_bus(settings)
+_shutting_down = threading.Event()
+
+
+@worker_shutting_down.connect
+def _on_shutdown(**_: object) -> None:
+    _shutting_down.set()
+
+
+@app.task(name=TASK_RUN_JOB, ignore_result=True)
+def run(job_id: str) -> None:
+    if run_job(job_id, settings, _bus, should_exit=_shutting_down.is_set) == "queued":
+        CeleryQueue(settings.broker_url).enqueue(job_id)  # handed back at a checkpoint: the next worker resumes it
