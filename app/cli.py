@@ -235,8 +235,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     print(f"job {job['id']} {job['state']}", file=sys.stderr)
     state = job["state"]
+    shown = 0.0
     for kind, data in client.events(job["id"]):
-        if kind == "progress":
+        if kind == "progress" and time.monotonic() - shown >= 5.0:
+            shown = time.monotonic()
             print(f"  {data['iterations']} permutations, {data['evaluations']} evaluations, "
                   f"{data['players'] - data['undecided']}/{data['players']} decided, {data['elapsed_s']:.1f}s",
                   file=sys.stderr)

@@ -72,7 +72,7 @@ def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[],
             game, config = _build(job, settings, Path(tmp))
         with db() as session:
             checkpoint = session.get(JobCheckpoint, job_id)
-            resume = checkpoint.state if checkpoint is not None else None
+        resume = checkpoint.state if checkpoint is not None else None
         reporter.start(game, config)
         estimate = run_tmab(game, config, resume_from=resume, on_progress=reporter.on_progress,
                             should_stop=reporter.should_stop)
@@ -86,7 +86,10 @@ def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[],
     if estimate.stop_reason == "stopped" and reporter.exiting:
         return _requeue(db, bus, job_id, reporter)
     neurons = ranked_neurons(game, estimate)
-    summary = run_summary(game, estimate) | {"publish_s": reporter.publish_s, "checkpoints": reporter.checkpoints}
+    summary = run_summary(game, estimate) | {
+        "publish_s": reporter.publish_s, "checkpoints": reporter.checkpoints,
+        "resumed_from_iteration": checkpoint.iterations if checkpoint is not None else None,
+    }
     if estimate.stop_reason == "stopped":
         return _finish(db, bus, job_id, "cancelled", neurons, summary, reporter.progress_dict(estimate), None)
     curve = ablation_curve(game, estimate.values, k=settings.ablation_k, seed=config.seed)

@@ -105,6 +105,8 @@ class JobOut(BaseModel):
     spec: dict
     progress: Progress
     error: JobError | None
+    summary: dict | None = Field(None, description="how the result was produced (stop reason, work done, "
+                                                    "estimator settings); set when the job ends")
     links: JobLinks
 
 

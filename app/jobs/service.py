@@ -178,7 +178,7 @@ def job_view(job: Job, bus: Bus) -> dict:
     base = f"/v1/jobs/{job.id}"
     return {
         "id": job.id, "state": job.state, "created_at": utc(job.created_at), "started_at": utc(job.started_at),
-        "finished_at": utc(job.finished_at), "spec": job.spec, "progress": progress, "error": job.error,
+        "finished_at": utc(job.finished_at), "spec": job.spec, "progress": progress, "error": job.error, "summary": job.summary,
         "links": {"self": base, "neurons": f"{base}/neurons", "events": f"{base}/events", "ablation": f"{base}/ablation"},
     }
 
