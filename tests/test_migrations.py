@@ -9,6 +9,7 @@ from sqlalchemy import create_engine
 
 from app.core.db import Base, migrate
 import app.jobs.models  # noqa: F401  (registers the tables on Base.metadata)
+import app.keys.models  # noqa: F401
 from tests.conftest import postgres_schema
 
 

@@ -1,7 +1,7 @@
 """Runs one job: the bridge between the database record, the estimator library and the live bus.
 
-The runner claims a queued job (a conditional update, so two deliveries of
-the same job never both run it), builds the game from the job's uploads,
+The runner claims a queued job with a lease (a conditional update, so two
+deliveries of the same job never both run it; see :class:`_Lease`), builds the game from the job's uploads,
 runs TMAB-Shapley from the job's last checkpoint if it has one, and on the
 way publishes live estimates (throttled), saves checkpoints (throttled) and
 watches for a cancel request. The result — neurons, summary, ablation curve
@@ -14,15 +14,20 @@ with a short message and the traceback goes to the worker's log only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import delete, func, update
+from sqlalchemy import and_, delete, func, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.blobs import BlobStore
@@ -47,53 +52,110 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
 def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[], bool] | None = None) -> str | None:
-    """Run a job to its end; returns its new state, or None when it was not ours to run.
+    """Run a job to its end; returns its new state, or None when it was not (or stopped being) ours to run.
 
     ``should_exit`` is the worker shutting down: the job stops at the next
     pass, saves a checkpoint and goes back to ``queued`` for the next worker.
     """
     db = session_factory(settings.resolved_database_url)
-    with db() as session:
-        claimed = session.execute(
-            update(Job).where(Job.id == job_id, Job.state == "queued")
-            .values(state="running", started_at=func.coalesce(Job.started_at, now()))
-        ).rowcount
-        session.commit()
-        job = session.get(Job, job_id) if claimed else None
+    lease = _Lease(db, job_id, worker_identity(), settings.lease_s)
+    job = lease.claim()
     if job is None:
-        log.info("job %s: not queued (cancelled, deleted or taken by another worker); skipped", job_id)
+        log.info("job %s: not claimable (finished, cancelled, deleted or leased by another worker); skipped", job_id)
         return None
     _publish(bus, job_id, "state", {"state": "running"})
+    reporter = _Reporter(job_id, settings, bus, db, lease, should_exit or (lambda: False))
+    with lease.kept():
+        try:
+            with tempfile.TemporaryDirectory(prefix="neuronshap-") as tmp:
+                game, config = _build(job, settings, Path(tmp))
+            with db() as session:
+                checkpoint = session.get(JobCheckpoint, job_id)
+            resume = checkpoint.state if checkpoint is not None else None
+            reporter.start(game, config)
+            estimate = run_tmab(game, config, resume_from=resume, on_progress=reporter.on_progress,
+                                should_stop=reporter.should_stop)
+        except UserInputError as exc:
+            return _fail(lease, bus, ERROR_TYPES.get(type(exc), "invalid-input"), "The job's input was rejected", str(exc))
+        except Exception as exc:
+            log.exception("job %s: failed", job_id)
+            return _fail(lease, bus, "internal", "The worker failed",
+                         f"The worker failed on this job ({type(exc).__name__}); the operator has the details in its log.")
 
-    reporter = _Reporter(job_id, settings, bus, db, should_exit or (lambda: False))
-    try:
-        with tempfile.TemporaryDirectory(prefix="neuronshap-") as tmp:
-            game, config = _build(job, settings, Path(tmp))
-        with db() as session:
-            checkpoint = session.get(JobCheckpoint, job_id)
-        resume = checkpoint.state if checkpoint is not None else None
-        reporter.start(game, config)
-        estimate = run_tmab(game, config, resume_from=resume, on_progress=reporter.on_progress,
-                            should_stop=reporter.should_stop)
-    except UserInputError as exc:
-        return _fail(db, bus, job_id, ERROR_TYPES.get(type(exc), "invalid-input"), "The job's input was rejected", str(exc))
-    except Exception as exc:
-        log.exception("job %s: failed", job_id)
-        return _fail(db, bus, job_id, "internal", "The worker failed",
-                     f"The worker failed on this job ({type(exc).__name__}); the operator has the details in its log.")
+        if lease.lost:
+            log.warning("job %s: lease lost to another worker; this copy stops without writing", job_id)
+            return None
+        if estimate.stop_reason == "stopped" and reporter.exiting:
+            return _requeue(lease, bus, reporter)
+        neurons = ranked_neurons(game, estimate)
+        summary = run_summary(game, estimate) | {
+            "publish_s": reporter.publish_s, "checkpoints": reporter.checkpoints,
+            "resumed_from_iteration": checkpoint.iterations if checkpoint is not None else None,
+        }
+        if estimate.stop_reason == "stopped":
+            return _finish(lease, bus, "cancelled", neurons, summary, reporter.progress_dict(estimate), None)
+        curve = ablation_curve(game, estimate.values, k=settings.ablation_k, seed=config.seed)
+        return _finish(lease, bus, "succeeded", neurons, summary, reporter.progress_dict(estimate), curve)
 
-    if estimate.stop_reason == "stopped" and reporter.exiting:
-        return _requeue(db, bus, job_id, reporter)
-    neurons = ranked_neurons(game, estimate)
-    summary = run_summary(game, estimate) | {
-        "publish_s": reporter.publish_s, "checkpoints": reporter.checkpoints,
-        "resumed_from_iteration": checkpoint.iterations if checkpoint is not None else None,
-    }
-    if estimate.stop_reason == "stopped":
-        return _finish(db, bus, job_id, "cancelled", neurons, summary, reporter.progress_dict(estimate), None)
-    curve = ablation_curve(game, estimate.values, k=settings.ablation_k, seed=config.seed)
-    return _finish(db, bus, job_id, "succeeded", neurons, summary, reporter.progress_dict(estimate), curve)
+
+class _Lease:
+    """This worker's hold on a job: claimed with a conditional update, renewed by a thread, checked on every write.
+
+    Another worker can claim the job only once the lease has expired (its
+    holder is dead or cut off); the holder then finds the lease gone at its
+    next renewal, stops, and writes nothing more.
+    """
+
+    def __init__(self, db: sessionmaker[Session], job_id: str, owner: str, seconds: float) -> None:
+        self.db, self.job_id, self.owner, self.seconds = db, job_id, owner, seconds
+        self.lost = False
+        self._stop = threading.Event()
+
+    def _expiry(self) -> datetime:
+        return now() + timedelta(seconds=self.seconds)
+
+    def claim(self) -> Job | None:
+        t = now()
+        with self.db() as session:
+            claimable = or_(Job.state == "queued", and_(Job.state == "running", Job.lease_expires_at < t))
+            claimed = session.execute(update(Job).where(Job.id == self.job_id, claimable).values(
+                state="running", started_at=func.coalesce(Job.started_at, t), lease_owner=self.owner,
+                lease_expires_at=self._expiry())).rowcount
+            session.commit()
+            return session.get(Job, self.job_id) if claimed else None
+
+    def mine(self):
+        """The condition that guards every write: the job is still leased to this worker."""
+        return and_(Job.id == self.job_id, Job.lease_owner == self.owner)
+
+    @contextlib.contextmanager
+    def kept(self) -> Iterator[None]:
+        thread = threading.Thread(target=self._renew, name=f"lease-{self.job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            thread.join()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                with self.db() as session:
+                    renewed = session.execute(update(Job).where(self.mine(), Job.state.in_(("running", "cancelling")))
+                                              .values(lease_expires_at=self._expiry())).rowcount
+                    session.commit()
+            except Exception as exc:  # the database is away: try again; the lease covers a few misses
+                log.warning("job %s: lease not renewed: %s", self.job_id, exc)
+                continue
+            if not renewed:
+                self.lost = True
+                return
 
 
 def _build(job: Job, settings: Settings, tmp: Path) -> tuple[NeuronGame, TMABConfig]:
@@ -128,6 +190,7 @@ class _Reporter:
     settings: Settings
     bus: Bus
     db: sessionmaker[Session]
+    lease: _Lease
     should_exit: Callable[[], bool]
     game: NeuronGame | None = None
     config: TMABConfig | None = None
@@ -174,15 +237,19 @@ class _Reporter:
         state, estimate = self.last.checkpoint(), self.last.estimate
         try:
             with self.db() as session:
+                if not session.execute(update(Job).where(self.lease.mine())
+                                       .values(progress=self.progress_dict(estimate, self.last.undecided))).rowcount:
+                    self.lease.lost = True
+                    return
                 session.merge(JobCheckpoint(job_id=self.job_id, state=state, iterations=estimate.iterations, saved_at=now()))
-                session.execute(update(Job).where(Job.id == self.job_id)
-                                .values(progress=self.progress_dict(estimate, self.last.undecided)))
                 session.commit()
             self.checkpoints += 1
         except Exception as exc:  # a missed checkpoint costs only work since the previous one
             log.warning("job %s: checkpoint not saved: %s", self.job_id, exc)
 
     def should_stop(self) -> bool:
+        if self.lease.lost:
+            return True
         if self.should_exit():
             self.exiting = True
             return True
@@ -220,17 +287,22 @@ def _eta(estimate, config: TMABConfig) -> float | None:
     return round(max(0.0, min(left)), 1) if left else None
 
 
-def _finish(db: sessionmaker[Session], bus: Bus, job_id: str, state: str, neurons: list[dict], summary: dict,
-            progress: dict, curve: dict | None) -> str:
-    """Write the result and the final state in one transaction."""
-    with db() as session:
+def _finish(lease: _Lease, bus: Bus, state: str, neurons: list[dict], summary: dict, progress: dict,
+            curve: dict | None) -> str | None:
+    """Write the result and the final state in one transaction, if the job is still ours."""
+    job_id = lease.job_id
+    with lease.db() as session:
+        if not session.execute(update(Job).where(lease.mine()).values(
+                state=state, finished_at=now(), summary=summary, progress=progress, lease_owner=None,
+                lease_expires_at=None)).rowcount:
+            session.rollback()
+            log.warning("job %s: lease lost before the result was written; another worker owns it", job_id)
+            return None
         session.execute(delete(JobNeuron).where(JobNeuron.job_id == job_id))
         session.add_all(JobNeuron(job_id=job_id, **n) for n in neurons)
         if curve is not None:
             session.merge(JobAblation(job_id=job_id, curve=curve))
         session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
-        session.execute(update(Job).where(Job.id == job_id).values(
-            state=state, finished_at=now(), summary=summary, progress=progress))
         session.commit()
     _publish(bus, job_id, "state", {"state": state})
     _publish(bus, job_id, "done", {"state": state})
@@ -239,27 +311,33 @@ def _finish(db: sessionmaker[Session], bus: Bus, job_id: str, state: str, neuron
     return state
 
 
-def _fail(db: sessionmaker[Session], bus: Bus, job_id: str, kind: str, title: str, detail: str) -> str:
-    with db() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(
-            state="failed", finished_at=now(), error={"type": kind, "title": title, "detail": detail}))
+def _fail(lease: _Lease, bus: Bus, kind: str, title: str, detail: str) -> str | None:
+    job_id = lease.job_id
+    error = {"type": kind, "title": title, "detail": detail}
+    with lease.db() as session:
+        if not session.execute(update(Job).where(lease.mine()).values(
+                state="failed", finished_at=now(), error=error, lease_owner=None, lease_expires_at=None)).rowcount:
+            return None
         session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
         session.commit()
-    _publish(bus, job_id, "state", {"state": "failed", "error": {"type": kind, "title": title, "detail": detail}})
+    _publish(bus, job_id, "state", {"state": "failed", "error": error})
     _publish(bus, job_id, "done", {"state": "failed"})
     _ended(bus, job_id)
     log.info("job %s: failed: %s", job_id, detail)
     return "failed"
 
 
-def _requeue(db: sessionmaker[Session], bus: Bus, job_id: str, reporter: _Reporter) -> str:
+def _requeue(lease: _Lease, bus: Bus, reporter: _Reporter) -> str | None:
     """The worker is shutting down: keep the work done so far and hand the job back."""
     reporter.save_checkpoint()
-    with db() as session:
-        session.execute(update(Job).where(Job.id == job_id, Job.state == "running").values(state="queued"))
+    with lease.db() as session:
+        handed_back = session.execute(update(Job).where(lease.mine(), Job.state == "running").values(
+            state="queued", lease_owner=None, lease_expires_at=None, enqueued_at=None)).rowcount
         session.commit()
-    _publish(bus, job_id, "state", {"state": "queued"})
-    log.info("job %s: handed back at a checkpoint (worker shutting down)", job_id)
+    if not handed_back:
+        return None
+    _publish(bus, lease.job_id, "state", {"state": "queued"})
+    log.info("job %s: handed back at a checkpoint (worker shutting down)", lease.job_id)
     return "queued"
 
 

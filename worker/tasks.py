@@ -7,7 +7,9 @@ inside the job. Run one worker process per GPU, each with its own
 
 On a warm shutdown (SIGTERM, or Ctrl-C once) a running job stops at its next
 forward pass, saves a checkpoint and is sent back to the queue, so stopping a
-worker loses no work and does not wait for a job that may run for hours.
+worker loses no work and does not wait for a job that may run for hours. A
+worker killed outright leaves a lease that expires; every worker runs
+:func:`app.jobs.recovery.reconcile` on a timer, which sends such jobs again.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 import logging
 import threading
 
-from celery.signals import worker_shutting_down
+from celery.signals import worker_ready, worker_shutting_down
 
 from app.core.bus import make_bus
 from app.core.config import get_settings
 from app.core.queue import TASK_RUN_JOB, CeleryQueue, celery_app
+from app.jobs.recovery import reconcile
 from worker.runner import run_job
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,21 @@ _shutting_down = threading.Event()
 @worker_shutting_down.connect
 def _on_shutdown(**_: object) -> None:
     _shutting_down.set()
+
+
+@worker_ready.connect
+def _start_reconciler(**_: object) -> None:
+    """Every worker looks for jobs to recover (expired leases, lost messages) now and every few seconds."""
+
+    def loop() -> None:
+        while not _shutting_down.is_set():
+            try:
+                reconcile(settings, CeleryQueue(settings.broker_url))
+            except Exception as exc:  # the database or broker is away: next time
+                log.warning("reconcile failed: %s", exc)
+            _shutting_down.wait(settings.reconcile_interval_s)
+
+    threading.Thread(target=loop, name="reconciler", daemon=True).start()
 
 
 @app.task(name=TASK_RUN_JOB, ignore_result=True)

@@ -34,10 +34,20 @@ class Settings(BaseSettings):
     allow_pickle_models: bool = Field(False, description="accept .pt2 uploads, whose loading unpickles (runs code)")
     migrate_on_start: bool = Field(True, description="run the migrations when the API starts")
     ablation_k: int = Field(10, ge=1, description="the ablation check removes the top 1..K neurons")
+    lease_s: float = Field(60.0, gt=0, description="a running job's lease; its worker renews it every third of this")
+    requeue_after_s: float = Field(600.0, gt=0, description="a queued job not started this long after sending is sent again")
+    reconcile_interval_s: float = Field(30.0, gt=0, description="how often a worker looks for jobs to recover")
+    require_api_keys: bool = Field(False, description="demand `Authorization: Bearer <key>`; off: one tenant, `default`")
+    max_active_jobs_per_tenant: int = Field(20, ge=1, description="queued and running jobs a tenant may have (429 beyond)")
 
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'neuronshap.db').as_posix()}"
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest job submission: both files, the spec and room for the multipart framing."""
+        return self.max_model_bytes + self.max_data_bytes + self.max_spec_bytes + (1 << 20)
 
     @property
     def resolved_blob_dir(self) -> Path:

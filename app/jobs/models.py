@@ -35,11 +35,15 @@ class Job(Base):
     error: Mapped[dict | None] = mapped_column(JSON)
     summary: Mapped[dict | None] = mapped_column(JSON)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    lease_owner: Mapped[str | None] = mapped_column(String(120))  # the worker running it
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # last sent to the queue
 
     __table_args__ = (
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
         Index("ix_jobs_tenant_state_created", "tenant", "state", "created_at", "id"),
+        Index("ix_jobs_state_lease", "state", "lease_expires_at"),
     )
 
 

@@ -1,16 +1,25 @@
-"""Putting unfinished jobs back on the queue when their worker is gone.
+"""Finding jobs whose worker is gone, and sending them again.
 
-In the embedded default the only worker is a thread of the API process, so
-at start-up a ``running`` job is one the previous process left: it goes back
-to ``queued`` (it resumes from its checkpoint) and every queued job is sent
-again. A job queued twice is harmless: the runner's claim lets one copy run.
+Every running job holds a lease in the database that its worker renews
+(``NEURONSHAP_LEASE_S``). A worker killed outright stops renewing: once the
+lease has expired the job goes back to ``queued`` and is sent again; the next
+worker resumes it from its last checkpoint. A queued job whose message was
+lost (the API died between saving it and sending it, or a worker died after
+taking the message but before claiming the job) is sent again once it has
+waited ``NEURONSHAP_REQUEUE_AFTER_S`` since it was last sent. Sending a job
+twice is harmless: the runner's claim lets one copy run.
+
+Workers run :func:`reconcile` on a timer; the embedded service runs
+:func:`requeue_unfinished` when it starts, since its own thread was the only
+worker.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import logging
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from app.core.config import Settings
 from app.core.db import session_factory
@@ -18,14 +27,56 @@ from app.core.queue import Queue
 
 from .models import Job
 
+log = logging.getLogger(__name__)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def reconcile(settings: Settings, queue: Queue) -> list[str]:
+    """Requeue jobs with an expired lease or a lost message; end abandoned cancellations. Returns the ids sent."""
+    t = now()
+    with session_factory(settings.resolved_database_url)() as session:
+        session.execute(update(Job).where(Job.state == "cancelling", Job.lease_expires_at < t)
+                        .values(state="cancelled", finished_at=t, lease_owner=None, lease_expires_at=None))
+        orphaned = session.execute(update(Job).where(Job.state == "running", Job.lease_expires_at < t)
+                                   .values(state="queued", lease_owner=None, lease_expires_at=None, enqueued_at=None)
+                                   .returning(Job.id)).scalars().all()
+        session.commit()
+        stale = t - timedelta(seconds=settings.requeue_after_s)
+        ids = list(session.scalars(select(Job.id).where(
+            Job.state == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale)).order_by(Job.created_at)))
+    for job_id in orphaned:
+        log.warning("job %s: its worker stopped renewing the lease; requeued", job_id)
+    return send(settings, queue, ids)
+
 
 def requeue_unfinished(settings: Settings, queue: Queue) -> list[str]:
+    """At the embedded service's start: whatever was running belonged to the previous process."""
+    t = now()
     with session_factory(settings.resolved_database_url)() as session:
-        session.execute(update(Job).where(Job.state == "running").values(state="queued"))
+        session.execute(update(Job).where(Job.state == "running")
+                        .values(state="queued", lease_owner=None, lease_expires_at=None))
         session.execute(update(Job).where(Job.state == "cancelling")
-                        .values(state="cancelled", finished_at=datetime.now(UTC)))
+                        .values(state="cancelled", finished_at=t, lease_owner=None, lease_expires_at=None))
         session.commit()
         ids = list(session.scalars(select(Job.id).where(Job.state == "queued").order_by(Job.created_at)))
+    return send(settings, queue, ids)
+
+
+def send(settings: Settings, queue: Queue, ids: list[str]) -> list[str]:
+    """Queue each job and record when; a job that cannot be sent now is tried again later."""
+    sent = []
     for job_id in ids:
-        queue.enqueue(job_id)
-    return ids
+        try:
+            queue.enqueue(job_id)
+        except Exception as exc:
+            log.warning("job %s: not queued (%s); will retry", job_id, exc)
+            continue
+        sent.append(job_id)
+    if sent:
+        with session_factory(settings.resolved_database_url)() as session:
+            session.execute(update(Job).where(Job.id.in_(sent), Job.state == "queued").values(enqueued_at=now()))
+            session.commit()
+    return sent

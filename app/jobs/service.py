@@ -30,7 +30,7 @@ from app.core.db import session_factory
 from app.core.problems import Problem, field_path, not_found
 from app.core.queue import Queue
 
-from . import uploads
+from . import recovery, uploads
 from .models import ACTIVE_STATES, FINISHED_STATES, Job, JobAblation, JobNeuron
 from .schemas import JobSpec, Progress
 
@@ -142,10 +142,7 @@ async def create_job(
         return existing, False
 
     bus.publish(job.id, "state", {"state": "queued"})
-    try:
-        queue.enqueue(job.id)
-    except Exception:  # the job is recorded as queued; it is sent again when the queue is back
-        log.exception("job %s: could not be queued", job.id)
+    recovery.send(settings, queue, [job.id])  # if the broker is away, the job stays queued and is sent again later
     return job, True
 
 

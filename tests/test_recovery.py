@@ -1,0 +1,121 @@
+"""Nothing lost: a worker killed mid-job, a job saved but never queued, a job delivered twice.
+
+Real processes: PostgreSQL, Redis and ``neuronshap worker`` processes, one of
+which is killed with SIGKILL in the middle of a job.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app.core.bus import MemoryBus
+from app.core.config import Settings
+from app.core.db import migrate, session_factory
+from app.jobs.models import Job, JobCheckpoint
+from app.main import create_app
+from tests import stacks
+from tests.conftest import REDIS, postgres_schema
+from worker.runner import run_job
+
+RECOVER_FAST = {"lease_s": 2.0, "reconcile_interval_s": 0.5, "checkpoint_interval_s": 0.2, "publish_interval_s": 0.1}
+SPEC = {"metric": {"name": "accuracy"},
+        "estimator": {"mode": "all", "half_width": 1e-6, "truncation": 0, "max_iterations": 800, "seed": 5,
+                      "batch_size": 32}}
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """PostgreSQL + Redis + an API in this process; workers are started by the test."""
+    redis.Redis.from_url(f"{REDIS}/{stacks.REDIS_DB}").flushdb()
+    with postgres_schema() as url:
+        settings = Settings(data_dir=tmp_path, database_url=url, broker_url=f"{REDIS}/{stacks.REDIS_DB}",
+                            redis_url=f"{REDIS}/{stacks.REDIS_DB}", blob_dir=tmp_path / "blobs",
+                            migrate_on_start=False, **(stacks.FAST | RECOVER_FAST))
+        migrate(url)
+        with TestClient(create_app(settings)) as client:
+            yield stacks.Stack("full", settings, client, tmp_path / "worker.log")
+
+
+def post(stack: stacks.Stack, saved, spec: dict) -> dict:
+    r = stack.client.post("/v1/jobs", files={"model": (saved.onnx.name, saved.onnx.read_bytes()),
+                                             "data": (saved.npz.name, saved.npz.read_bytes())},
+                          data={"spec": json.dumps(spec)})
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def checkpoint_iterations(settings: Settings, job_id: str) -> int | None:
+    with session_factory(settings.resolved_database_url)() as session:
+        row = session.get(JobCheckpoint, job_id)
+        return None if row is None else row.iterations
+
+
+def test_a_job_whose_worker_is_killed_resumes_on_another_and_ends_as_if_uninterrupted(cluster, tiny_cnn, tmp_path):
+    env = stacks.settings_env(cluster.settings)
+    log = open(tmp_path / "worker-a.log", "wb")
+    first = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--name", "a"], cwd=stacks.ROOT,
+                             env=stacks.os.environ | env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        job = post(cluster, tiny_cnn, SPEC)
+        for _ in range(600):
+            saved_at = checkpoint_iterations(cluster.settings, job["id"])
+            if saved_at and saved_at >= 100:
+                break
+            time.sleep(0.05)
+        assert saved_at and saved_at < 800, "the job should have a checkpoint and be mid-run"
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+        log.close()
+    assert cluster.client.get(f"/v1/jobs/{job['id']}").json()["state"] == "running"  # as the dead worker left it
+
+    with stacks.worker_process(cluster.settings, cluster.worker_log):
+        resumed = cluster.wait(job["id"], ("succeeded", "failed"), timeout=180)
+        assert resumed["state"] == "succeeded" and resumed["progress"]["iterations"] == 800
+        assert resumed["summary"]["resumed_from_iteration"] >= saved_at  # from the checkpoint, not from zero
+        fresh = post(cluster, tiny_cnn, SPEC)
+        cluster.wait(fresh["id"], ("succeeded",), timeout=180)
+    a = cluster.client.get(f"/v1/jobs/{job['id']}/neurons").json()["items"]
+    b = cluster.client.get(f"/v1/jobs/{fresh['id']}/neurons").json()["items"]
+    assert a == b  # same seed, same values, bounds and samples as the uninterrupted run
+
+
+def test_a_job_saved_but_never_queued_is_sent_by_the_reconciler(cluster, tiny_cnn):
+    template = post(cluster, tiny_cnn, SPEC | {"estimator": {"top_k": 3, "max_iterations": 8, "seed": 1}})
+    with session_factory(cluster.settings.resolved_database_url)() as session:
+        source = session.get(Job, template["id"])
+        # As if the API died right after its commit: a queued job that no message announces.
+        orphan = Job(id="j_orphan", tenant=source.tenant, state="queued", name=None, spec=source.spec,
+                     model_blob=source.model_blob, model_format=source.model_format, data_blob=source.data_blob,
+                     data_format=source.data_format, created_at=datetime.now(UTC), progress=source.progress,
+                     cancel_requested=False)
+        session.add(orphan)
+        session.commit()
+    with stacks.worker_process(cluster.settings, cluster.worker_log):
+        orphaned = cluster.wait("j_orphan", ("succeeded", "failed"), timeout=120)
+        assert orphaned["state"] == "succeeded", orphaned["error"]
+        assert cluster.wait(template["id"], ("succeeded", "failed"), timeout=120)["state"] == "succeeded"
+
+
+def test_a_second_delivery_of_a_running_job_does_not_run_it(tmp_path, tiny_cnn):
+    with stacks.embedded(tmp_path) as stack:
+        job = post(stack, tiny_cnn, SPEC | {"estimator": {"mode": "all", "half_width": 1e-6, "max_seconds": 120}})
+        stack.wait(job["id"], ("running",))
+        assert run_job(job["id"], stack.settings, MemoryBus()) is None  # the lease is held: this copy skips
+        with session_factory(stack.settings.resolved_database_url)() as session:
+            owner = session.scalar(select(Job.lease_owner).where(Job.id == job["id"]))
+        assert owner and str(__import__("os").getpid()) in owner
+        stack.client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert stack.wait(job["id"], ("cancelled",), timeout=30)["state"] == "cancelled"
