@@ -80,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="bring the database schema to the newest migration")
     migrate.set_defaults(handler=cmd_migrate)
 
+    keys = commands.add_parser("keys", help="create or revoke API keys (on the service's database)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="a new key for a tenant; printed once, stored only as a hash")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", help="what the key is for, e.g. the pipeline using it")
+    create.set_defaults(handler=cmd_keys_create)
+    revoke = key_commands.add_parser("revoke", help="revoke a key by its id (the 12 characters after nsk_)")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=cmd_keys_revoke)
+
     def client_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--url", default=os.environ.get("NEURONSHAP_URL", DEFAULT_URL),
                        help=f"the service (default $NEURONSHAP_URL or {DEFAULT_URL})")
@@ -218,6 +228,34 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from app.core.db import migrate
 
     migrate()
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from app.core.db import migrate, session_factory
+    from app.keys.service import create_key
+
+    migrate()
+    with session_factory()() as session:
+        try:
+            key_id, key = create_key(session, args.tenant, args.name)
+        except ValueError as exc:
+            print(f"neuronshap: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+    print(key)
+    print(f"key id {key_id} for tenant {args.tenant}: keep the key secret, it is not shown again", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from app.core.db import session_factory
+    from app.keys.service import revoke_key
+
+    with session_factory()() as session:
+        if not revoke_key(session, args.key_id.removeprefix("nsk_").split("_")[0]):
+            print(f"neuronshap: error: no active key with id {args.key_id}", file=sys.stderr)
+            return EXIT_USER_ERROR
+    print(f"revoked {args.key_id}", file=sys.stderr)
     return 0
 
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.keys.service import authenticate
 
 from .blobs import BlobStore
 from .bus import Bus
 from .config import Settings
+from .db import SessionDep
 from .queue import Queue
 
 DEFAULT_TENANT = "default"
@@ -35,9 +39,19 @@ def _queue(request: Request) -> Queue:
     return request.app.state.queue
 
 
-def _tenant() -> str:
-    """The caller's tenant. Every job is scoped by it; API keys that map to tenants come with issue 4."""
-    return DEFAULT_TENANT
+_bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer nsk_…`")
+
+
+def _tenant(request: Request, session: SessionDep,
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    """The caller's tenant, from its API key; every job is scoped by it.
+
+    Without ``NEURONSHAP_REQUIRE_API_KEYS`` (the embedded default) there is
+    one tenant and no key is asked for.
+    """
+    if not request.app.state.settings.require_api_keys:
+        return DEFAULT_TENANT
+    return authenticate(session, credentials.credentials if credentials else None)
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]

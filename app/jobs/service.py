@@ -125,6 +125,7 @@ async def create_job(
         if existing is not None:
             return existing, False
 
+    _check_quota(session, settings, tenant)
     job = Job(
         id=f"j_{secrets.token_hex(10)}", tenant=tenant, state="queued", name=spec.name, spec=spec_json,
         model_blob=model_blob, model_format=model_fmt, data_blob=data_blob, data_format=data_fmt,
@@ -144,6 +145,15 @@ async def create_job(
     bus.publish(job.id, "state", {"state": "queued"})
     recovery.send(settings, queue, [job.id])  # if the broker is away, the job stays queued and is sent again later
     return job, True
+
+
+def _check_quota(session: Session, settings: Settings, tenant: str) -> None:
+    active = session.scalar(select(func.count()).select_from(Job)
+                            .where(Job.tenant == tenant, Job.state.in_(ACTIVE_STATES)))
+    if active >= settings.max_active_jobs_per_tenant:
+        raise Problem(429, "too-many-jobs", "Too many active jobs",
+                      f"This tenant has {active} queued or running jobs, its limit; submit again when one has "
+                      "finished (or cancel one).", headers={"Retry-After": "30"})
 
 
 def _by_idempotency_key(session: Session, tenant: str, key: str, request_hash: str) -> Job | None:
