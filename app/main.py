@@ -19,6 +19,7 @@ from app.core.blobs import BlobStore
 from app.core.bus import make_bus
 from app.core.config import Settings, get_settings
 from app.core.db import migrate
+from app.core.limits import BodyLimit
 from app.core.queue import ThreadQueue, make_queue
 from app.jobs import routes as jobs_routes
 from app.jobs.recovery import requeue_unfinished
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = BlobStore(settings.resolved_blob_dir)
     problems.install(app)
     app.middleware("http")(measure)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.include_router(jobs_routes.router)
     app.include_router(ops_routes.router)
     return app

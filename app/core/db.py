@@ -28,9 +28,7 @@ class Base(DeclarativeBase):
 def get_engine(url: str | None = None) -> Engine:
     url = url or get_settings().resolved_database_url
     if url.startswith("sqlite"):
-        path = url.removeprefix("sqlite:///")
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _make_sqlite_dir(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -45,6 +43,13 @@ def get_engine(url: str | None = None) -> Engine:
 
 
 @lru_cache
+def _make_sqlite_dir(url: str) -> None:
+    """SQLite creates the file but not its directory; the embedded default must start on a fresh machine."""
+    path = url.removeprefix("sqlite:///")
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
 def session_factory(url: str | None = None) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url), expire_on_commit=False)
 
@@ -62,8 +67,11 @@ def migrate(url: str | None = None) -> None:
     from alembic import command
     from alembic.config import Config
 
+    url = url or get_settings().resolved_database_url
+    if url.startswith("sqlite"):
+        _make_sqlite_dir(url)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.attributes["url"] = url or get_settings().resolved_database_url  # not a config option: URLs may hold '%'
+    cfg.attributes["url"] = url  # not a config option: URLs may hold '%'
 
     command.upgrade(cfg, "head")

@@ -106,7 +106,7 @@ async def create_job(
     data_blob, _ = await _store_upload(store, data, settings.max_data_bytes, "data")
     try:
         model_fmt = uploads.model_format(model.filename, store.path(model_blob), settings.allow_pickle_models)
-        data_fmt = uploads.data_format(data.filename, store.path(data_blob))
+        data_fmt = uploads.data_format(data.filename, store.path(data_blob), settings.max_data_bytes)
     except Problem:
         _forget_blob(session, store, model_blob)
         _forget_blob(session, store, data_blob)

@@ -18,6 +18,7 @@ import numpy as np
 
 from app.core.problems import Problem
 
+MAX_NPZ_MEMBERS = 16
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".torchscript"}
 INT_DTYPES = {"int64", "int32", "int16", "int8", "uint8", "I64", "I32", "I16", "I8", "U8"}
 FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16", "F32", "F64", "F16", "BF16"}
@@ -56,11 +57,15 @@ def model_format(filename: str | None, path: Path, allow_pickle: bool) -> str:
                                 f"{filename or 'a file without a name'!r}.")
 
 
-def data_format(filename: str | None, path: Path) -> str:
-    """``npz`` or ``safetensors``, after checking the arrays' names, dtypes and shapes from the headers."""
+def data_format(filename: str | None, path: Path, max_unpacked: int) -> str:
+    """``npz`` or ``safetensors``, after checking the arrays' names, dtypes and shapes from the headers.
+
+    ``max_unpacked`` bounds what an ``.npz`` (a zip) may expand to, so a
+    small upload cannot unpack into a worker-killing one.
+    """
     suffix = Path(filename or "").suffix.lower()
     if suffix == ".npz":
-        arrays = _npz_headers(path)
+        arrays = _npz_headers(path, max_unpacked)
         fmt = "npz"
     elif suffix == ".safetensors":
         arrays = _safetensors_headers(path)
@@ -72,11 +77,20 @@ def data_format(filename: str | None, path: Path) -> str:
     return fmt
 
 
-def _npz_headers(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _npz_headers(path: Path, max_unpacked: int) -> dict[str, tuple[str, tuple[int, ...]]]:
     try:
         with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+            if len(members) > MAX_NPZ_MEMBERS:
+                raise _bad("data", f"The .npz file has {len(members)} entries; it should hold only `inputs`, `labels` "
+                                   "and `groups`.")
+            unpacked = sum(m.file_size for m in members)
+            if unpacked > max_unpacked:
+                raise Problem(413, "too-large", "Data too large",
+                              f"The .npz file unpacks to {unpacked} bytes, over this service's limit of {max_unpacked}; "
+                              "send a smaller evaluation set.", field="data")
             arrays = {}
-            for info in zf.infolist():
+            for info in members:
                 name = info.filename.removesuffix(".npy")
                 if name not in ("inputs", "labels", "groups"):
                     continue
