@@ -19,7 +19,7 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "a dependency is unreachable; `checks` says which"}})
 def readyz(session: SessionDep, queue: QueueDep, bus: BusDep) -> JSONResponse:
     """200 when the database, the broker and the live-state store all answer; 503 and which one failed otherwise."""
     checks = service.readiness(session, queue, bus)
