@@ -46,8 +46,20 @@ class Client:
             files = {"model": (Path(model).name, m), "data": (Path(data).name, d)}
             return self._check(self.http.post("/v1/jobs", files=files, data={"spec": spec}, headers=headers)).json()
 
+    def _get(self, path: str, **kwargs) -> httpx.Response:
+        """A GET, retried when the connection drops: reads are safe to repeat, and a polling pipeline should not fail
+        because one keep-alive connection was closed under it."""
+        for attempt in range(3):
+            try:
+                return self._check(self.http.get(path, **kwargs))
+            except httpx.TransportError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     def job(self, job_id: str) -> dict:
-        return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
+        return self._get(f"/v1/jobs/{job_id}").json()
 
     def neurons(self, job_id: str, limit: int | None = None, order: str = "desc", layer: str | None = None) -> list[dict]:
         """Up to ``limit`` ranked neurons (all when None), following the pages."""
@@ -59,7 +71,7 @@ class Client:
                 params["cursor"] = cursor
             if layer:
                 params["layer"] = layer
-            page = self._check(self.http.get(f"/v1/jobs/{job_id}/neurons", params=params)).json()
+            page = self._get(f"/v1/jobs/{job_id}/neurons", params=params).json()
             out += page["items"]
             cursor = page["next_cursor"]
             if cursor is None:
