@@ -49,7 +49,6 @@ import contextlib
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -69,7 +68,7 @@ from app.core.db import migrate
 from bench.bench_estimator import machine_lines, out, section, table
 from examples.digits import DigitsCNN, export_onnx, load_digits_split, save_eval_npz, train
 from tests.conftest import REDIS, postgres_schema
-from tests.stacks import ROOT, settings_env, stop, worker_process
+from tests.stacks import api_process, settings_env, worker_process
 
 # This benchmark owns these Redis databases (broker and bus) and empties them; the quick run (the test suite's
 # smoke test) has its own, so that it cannot take a full run's queued jobs.
@@ -140,37 +139,6 @@ def write_fixture(directory: Path, scale: Scale) -> tuple[Path, Path]:
     return onnx_path, npz_path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def api_server(settings: Settings, log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``neuronshap serve`` in its own process; returns once ``/healthz`` answers."""
-    port = free_port()
-    env = os.environ | settings_env(settings) | {"PYTHONUNBUFFERED": "1"}
-    with open(log, "ab") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        stop(proc)
-
-
 @contextlib.contextmanager
 def full_stack(tmp: Path, redis_url: str) -> Iterator[Deployment]:
     redis.Redis.from_url(redis_url).flushdb()
@@ -178,14 +146,15 @@ def full_stack(tmp: Path, redis_url: str) -> Iterator[Deployment]:
         settings = Settings(data_dir=tmp, database_url=database_url, broker_url=redis_url, redis_url=redis_url,
                             blob_dir=tmp / "blobs", migrate_on_start=False)
         migrate(database_url)
-        with worker_process(settings, tmp / "worker.log") as worker, api_server(settings, tmp / "api.log") as (url, api):
+        with worker_process(settings, tmp / "worker.log") as worker, \
+                api_process(settings_env(settings), tmp / "api.log") as (url, api):
             yield Deployment("full stack: PostgreSQL + Redis + 1 Celery worker process", url, api, worker,
                              tmp / "api.log")
 
 
 @contextlib.contextmanager
 def embedded_stack(tmp: Path) -> Iterator[Deployment]:
-    with api_server(Settings(data_dir=tmp), tmp / "api.log") as (url, api):
+    with api_process(settings_env(Settings(data_dir=tmp)), tmp / "api.log") as (url, api):
         yield Deployment("embedded default: SQLite, in-process bus and job thread", url, api, None, tmp / "api.log")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import redis
 from fastapi.testclient import TestClient
 
@@ -93,6 +95,37 @@ def worker_process(settings: Settings, log: Path) -> Iterator[subprocess.Popen]:
                 raise RuntimeError(f"the worker did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
         yield proc
+    finally:
+        stop(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def api_process(env: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``neuronshap serve`` in its own process with ``env`` added; yields (its URL, the process) once ready."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=ROOT, env=os.environ | {"PYTHONUNBUFFERED": "1"} | env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the API did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield url, proc
     finally:
         stop(proc)
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,39 +17,16 @@ from pathlib import Path
 
 import httpx
 
-from tests.stacks import ROOT, stop
+from tests.stacks import ROOT, api_process
 
 QUICK = {"metric": {"name": "accuracy"}, "estimator": {"top_k": 3, "max_iterations": 40, "seed": 1, "batch_size": 64}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(data_dir: Path, **env: str) -> Iterator[str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    environ = os.environ | {"NEURONSHAP_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"} | env
-    log = open(data_dir / f"serve-{port}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=ROOT, env=environ,
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (data_dir / f"serve-{port}.log").read_text()
-            time.sleep(0.2)
+    """The embedded service on ``data_dir`` as its own process; yields its URL."""
+    with api_process({"NEURONSHAP_DATA_DIR": str(data_dir)} | env, data_dir / "serve.log") as (url, _):
         yield url
-    finally:
-        stop(proc)
-        log.close()
 
 
 def neuronshap(*args: str, url: str) -> subprocess.CompletedProcess:

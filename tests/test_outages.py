@@ -20,7 +20,7 @@ from app.core.db import migrate
 from app.main import create_app
 from tests import stacks
 from tests.conftest import postgres_schema
-from tests.test_cli_service import free_port
+from tests.stacks import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 

@@ -7,6 +7,7 @@ which is killed with SIGKILL in the middle of a job.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def test_a_job_whose_worker_is_killed_resumes_on_another_and_ends_as_if_uninterr
     env = stacks.settings_env(cluster.settings)
     log = open(tmp_path / "worker-a.log", "wb")
     first = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--name", "a"], cwd=stacks.ROOT,
-                             env=stacks.os.environ | env, stdout=log, stderr=subprocess.STDOUT)
+                             env=os.environ | env, stdout=log, stderr=subprocess.STDOUT)
     try:
         job = post(cluster, tiny_cnn, SPEC)
         for _ in range(600):
@@ -116,6 +117,6 @@ def test_a_second_delivery_of_a_running_job_does_not_run_it(tmp_path, tiny_cnn):
         assert run_job(job["id"], stack.settings, MemoryBus()) is None  # the lease is held: this copy skips
         with session_factory(stack.settings.resolved_database_url)() as session:
             owner = session.scalar(select(Job.lease_owner).where(Job.id == job["id"]))
-        assert owner and str(__import__("os").getpid()) in owner
+        assert owner and str(os.getpid()) in owner
         stack.client.post(f"/v1/jobs/{job['id']}/cancel")
         assert stack.wait(job["id"], ("cancelled",), timeout=30)["state"] == "cancelled"
