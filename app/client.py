@@ -23,9 +23,22 @@ class ServiceError(Exception):
         self.status = status
 
 
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait before asking again, for a 503 that says when (``Retry-After``); None for anything else."""
+    if response.status_code != 503:
+        return None
+    try:
+        return min(30.0, max(0.0, float(response.headers.get("Retry-After", ""))))
+    except ValueError:
+        return None
+
+
 class Client:
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0,
+                 unavailable_s: float = 300.0) -> None:
+        """``unavailable_s``: how long reads wait out a service that answers 503 (a database restarting)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.unavailable_s = unavailable_s
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
 
     def _check(self, response: httpx.Response) -> httpx.Response:
@@ -47,14 +60,24 @@ class Client:
             return self._check(self.http.post("/v1/jobs", files=files, data={"spec": spec}, headers=headers)).json()
 
     def _get(self, path: str, **kwargs) -> httpx.Response:
-        """A GET, retried when the connection drops: reads are safe to repeat, and a polling pipeline should not fail
-        because one keep-alive connection was closed under it."""
-        for attempt in range(2):
+        """A GET, retried when the connection drops or the service says it is briefly unavailable (503): reads are
+        safe to repeat, and a polling pipeline should not fail because a keep-alive connection was closed under it
+        or the database restarted."""
+        deadline = time.monotonic() + self.unavailable_s
+        dropped = 0
+        while True:
             try:
-                return self._check(self.http.get(path, **kwargs))
+                response = self.http.get(path, **kwargs)
             except httpx.TransportError:
-                time.sleep(0.5 * (attempt + 1))
-        return self._check(self.http.get(path, **kwargs))  # the third try's error is the caller's
+                dropped += 1
+                if dropped > 2:
+                    raise
+                time.sleep(0.5 * dropped)
+                continue
+            wait = _retry_after(response)
+            if wait is None or time.monotonic() + wait > deadline:
+                return self._check(response)
+            time.sleep(wait)
 
     def job(self, job_id: str) -> dict:
         return self._get(f"/v1/jobs/{job_id}").json()
@@ -86,6 +109,11 @@ class Client:
                 with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None) as response:
                     if not response.is_success:
                         response.read()
+                        wait = _retry_after(response)
+                        if wait is not None and failures < retries:
+                            failures += 1
+                            time.sleep(wait)
+                            continue
                         self._check(response)
                     kind, data_lines, event_id = None, [], None
                     for line in response.iter_lines():

@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.blobs import BlobStore
 from app.core.bus import Bus
 from app.core.config import Settings
-from app.core.db import session_factory
+from app.core.db import UNAVAILABLE, session_factory
 from app.jobs.models import Job, JobAblation, JobCheckpoint, JobNeuron
 from worker.shapley import (
     MetricSpec, NeuronGame, Progress, TMABConfig, UserInputError, ablation_curve, load_data, load_model,
@@ -44,6 +45,7 @@ from worker.shapley.errors import DataError, ModelError, SpecError
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {ModelError: "model-error", DataError: "data-error", SpecError: "spec-error"}
+T = TypeVar("T")
 TMAB_FIELDS = ("mode", "top_k", "delta", "epsilon", "half_width", "bound", "truncation", "patience", "seed",
                "max_iterations", "max_evaluations", "max_seconds")
 
@@ -64,7 +66,8 @@ def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[],
     """
     db = session_factory(settings.resolved_database_url)
     lease = _Lease(db, job_id, worker_identity(), settings.lease_s)
-    job = lease.claim()
+    patient = _Patience(job_id, settings.db_outage_s)
+    job = patient(lease.claim)
     if job is None:
         log.info("job %s: not claimable (finished, cancelled, deleted or leased by another worker); skipped", job_id)
         return None
@@ -74,33 +77,72 @@ def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[],
         try:
             with tempfile.TemporaryDirectory(prefix="neuronshap-") as tmp:
                 game, config = _build(job, settings, Path(tmp))
-            with db() as session:
-                checkpoint = session.get(JobCheckpoint, job_id)
+            checkpoint = patient(lambda: _checkpoint(db, job_id))
             resume = checkpoint.state if checkpoint is not None else None
             reporter.start(game, config)
             estimate = run_tmab(game, config, resume_from=resume, on_progress=reporter.on_progress,
                                 should_stop=reporter.should_stop)
+        except UNAVAILABLE:
+            raise  # an outage longer than our patience: the lease expires and a reconciler sends the job again
         except UserInputError as exc:
-            return _fail(lease, bus, ERROR_TYPES.get(type(exc), "invalid-input"), "The job's input was rejected", str(exc))
+            error = (ERROR_TYPES.get(type(exc), "invalid-input"), "The job's input was rejected", str(exc))
+            return patient(lambda: _fail(lease, bus, *error))
         except Exception as exc:
             log.exception("job %s: failed", job_id)
-            return _fail(lease, bus, "internal", "The worker failed",
-                         f"The worker failed on this job ({type(exc).__name__}); the operator has the details in its log.")
+            error = ("internal", "The worker failed",
+                     f"The worker failed on this job ({type(exc).__name__}); the operator has the details in its log.")
+            return patient(lambda: _fail(lease, bus, *error))
 
         if lease.lost:
             log.warning("job %s: lease lost to another worker; this copy stops without writing", job_id)
             return None
         if estimate.stop_reason == "stopped" and reporter.exiting:
-            return _requeue(lease, bus, reporter)
+            return patient(lambda: _requeue(lease, bus, reporter))
         neurons = ranked_neurons(game, estimate)
         summary = run_summary(game, estimate) | {
             "publish_s": reporter.publish_s, "checkpoints": reporter.checkpoints,
             "resumed_from_iteration": checkpoint.iterations if checkpoint is not None else None,
         }
         if estimate.stop_reason == "stopped":
-            return _finish(lease, bus, "cancelled", neurons, summary, reporter.progress_dict(estimate), None)
+            return patient(lambda: _finish(lease, bus, "cancelled", neurons, summary,
+                                           reporter.progress_dict(estimate), None))
         curve = ablation_curve(game, estimate.values, k=settings.ablation_k, seed=config.seed)
-        return _finish(lease, bus, "succeeded", neurons, summary, reporter.progress_dict(estimate), curve)
+        return patient(lambda: _finish(lease, bus, "succeeded", neurons, summary,
+                                       reporter.progress_dict(estimate), curve))
+
+
+@dataclass
+class _Patience:
+    """Runs a database step again while the database is unreachable, for up to ``seconds``.
+
+    A restarting PostgreSQL must not cost a finished result (hours of GPU time)
+    or fail a job that has not started: the step waits the outage out, with
+    backoff. Each step is one transaction guarded by the lease, so running it
+    again is safe. Past ``seconds`` the error propagates; the job's lease then
+    expires and a reconciler sends it again from its last checkpoint.
+    """
+
+    job_id: str
+    seconds: float
+
+    def __call__(self, step: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.seconds
+        delay = 0.5
+        while True:
+            try:
+                return step()
+            except UNAVAILABLE as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("job %s: database unavailable (%s); retrying in %.1f s", self.job_id,
+                            str(exc).splitlines()[0], delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
+
+def _checkpoint(db: sessionmaker[Session], job_id: str) -> JobCheckpoint | None:
+    with db() as session:
+        return session.get(JobCheckpoint, job_id)
 
 
 class _Lease:

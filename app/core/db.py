@@ -13,10 +13,15 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from .config import get_settings
 
+# The database is unreachable (restarting, down, out of connections), as opposed to a request it refused:
+# callers wait or answer 503 rather than fail the job or answer 500.
+UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
 

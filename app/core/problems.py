@@ -14,7 +14,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .db import UNAVAILABLE
+
 MEDIA_TYPE = "application/problem+json"
+DATABASE_RETRY_AFTER_S = 5
 TYPE_BASE = "https://neuronshap.dev/problems/"
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,18 @@ def install(app: FastAPI) -> None:
             detail = f"No route {request.method} {request.url.path}; the API lives under /v1 (see /docs)."
         return respond(Problem(exc.status_code, f"http-{exc.status_code}", title, detail,
                                headers=getattr(exc, "headers", None)), request.url.path)
+
+    async def _database_away(request: Request, exc: Exception) -> JSONResponse:
+        # A restarting database is an outage, not a bug: say so and when to come back, so that pollers wait
+        # instead of giving up (and a load balancer's retry does not look like a 500 loop).
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return respond(Problem(503, "unavailable", "Service unavailable",
+                               "The job database is unreachable (restarting or overloaded); nothing was lost. "
+                               f"Retry in {DATABASE_RETRY_AFTER_S} s.",
+                               headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)}), request.url.path)
+
+    for error in UNAVAILABLE:
+        app.add_exception_handler(error, _database_away)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 PROBLEM = {"content": {MEDIA_TYPE: {}}, "description": "a problem document (RFC 9457)"}
 ERRORS = {400: PROBLEM, 401: PROBLEM, 404: PROBLEM, 409: PROBLEM, 413: PROBLEM, 415: PROBLEM, 422: PROBLEM,
-          429: PROBLEM}
+          429: PROBLEM, 503: PROBLEM}
 
 
 @router.post("", status_code=202, response_model=JobOut, responses=ERRORS)

@@ -26,7 +26,7 @@ from app.core import cursors
 from app.core.blobs import CHUNK, BlobStore, BlobTooLarge
 from app.core.bus import Bus, valid_event_id
 from app.core.config import Settings
-from app.core.db import session_factory
+from app.core.db import UNAVAILABLE, session_factory
 from app.core.problems import Problem, field_path, not_found
 from app.core.queue import Queue
 
@@ -339,8 +339,14 @@ async def job_events(session: Session, settings: Settings, bus: Bus, tenant: str
                 if kind == "done":
                     return
             if not events:
-                with factory() as session:
-                    current = session.get(Job, job.id)
+                try:
+                    with factory() as session:
+                        current = session.get(Job, job.id)
+                except UNAVAILABLE as exc:  # the database is restarting: keep the stream open and ask again
+                    log.warning("events of %s: job record unavailable: %s", job.id, exc)
+                    yield ": database unavailable\n\n"
+                    await asyncio.sleep(1.0)
+                    continue
                 if current is None or current.state in FINISHED_STATES:
                     state = current.state if current is not None else "deleted"
                     yield _sse("state", {"state": state, "error": current.error if current else None})
