@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -36,7 +37,7 @@ def _retry_after(response: httpx.Response) -> float | None:
 class Client:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0,
                  unavailable_s: float = 300.0) -> None:
-        """``unavailable_s``: how long reads wait out a service that answers 503 (a database restarting)."""
+        """``unavailable_s``: how long requests wait out a service that answers 503 (a database restarting)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.unavailable_s = unavailable_s
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
@@ -54,20 +55,31 @@ class Client:
         raise ServiceError(response.status_code, f"HTTP {response.status_code}: {detail}")
 
     def submit(self, model: Path, data: Path, spec: str, idempotency_key: str | None = None) -> dict:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        """Start a job. The request always carries an ``Idempotency-Key`` (a new one unless given), so it is retried
+        safely when the connection drops or the service is briefly unavailable: a retry returns the job the first
+        attempt made, never a second one."""
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         with open(model, "rb") as m, open(data, "rb") as d:
-            files = {"model": (Path(model).name, m), "data": (Path(data).name, d)}
-            return self._check(self.http.post("/v1/jobs", files=files, data={"spec": spec}, headers=headers)).json()
+            def send() -> httpx.Response:
+                m.seek(0)
+                d.seek(0)
+                files = {"model": (Path(model).name, m), "data": (Path(data).name, d)}
+                return self.http.post("/v1/jobs", files=files, data={"spec": spec}, headers=headers)
+
+            return self._retrying(send).json()
 
     def _get(self, path: str, **kwargs) -> httpx.Response:
-        """A GET, retried when the connection drops or the service says it is briefly unavailable (503): reads are
-        safe to repeat, and a polling pipeline should not fail because a keep-alive connection was closed under it
-        or the database restarted."""
+        return self._retrying(lambda: self.http.get(path, **kwargs))
+
+    def _retrying(self, send: Callable[[], httpx.Response]) -> httpx.Response:
+        """Send again when the connection drops or the service says it is briefly unavailable (503 with
+        ``Retry-After``, a database restarting), for up to ``unavailable_s``. Only for requests that are safe to
+        repeat: reads, and submissions under an idempotency key."""
         deadline = time.monotonic() + self.unavailable_s
         dropped = 0
         while True:
             try:
-                response = self.http.get(path, **kwargs)
+                response = send()
             except httpx.TransportError:
                 dropped += 1
                 if dropped > 2:
