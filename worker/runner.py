@@ -32,7 +32,7 @@ from sqlalchemy import and_, delete, func, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.blobs import BlobStore
-from app.core.bus import Bus
+from app.core.bus import Bus, announce
 from app.core.config import Settings
 from app.core.db import UNAVAILABLE, session_factory
 from app.jobs.models import Job, JobAblation, JobCheckpoint, JobNeuron
@@ -71,7 +71,7 @@ def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[],
     if job is None:
         log.info("job %s: not claimable (finished, cancelled, deleted or leased by another worker); skipped", job_id)
         return None
-    _publish(bus, job_id, "state", {"state": "running"})
+    announce(bus, job_id, "state", {"state": "running"})
     reporter = _Reporter(job_id, settings, bus, db, lease, should_exit or (lambda: False))
     with lease.kept():
         try:
@@ -88,7 +88,7 @@ def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[],
             error = (ERROR_TYPES.get(type(exc), "invalid-input"), "The job's input was rejected", str(exc))
             return patient(lambda: _fail(lease, bus, *error))
         except Exception as exc:
-            log.exception("job %s: failed", job_id)
+            log.exception("job %s: error in the worker", job_id)
             error = ("internal", "The worker failed",
                      f"The worker failed on this job ({type(exc).__name__}); the operator has the details in its log.")
             return patient(lambda: _fail(lease, bus, *error))
@@ -346,8 +346,8 @@ def _finish(lease: _Lease, bus: Bus, state: str, neurons: list[dict], summary: d
             session.merge(JobAblation(job_id=job_id, curve=curve))
         session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
         session.commit()
-    _publish(bus, job_id, "state", {"state": state})
-    _publish(bus, job_id, "done", {"state": state})
+    announce(bus, job_id, "state", {"state": state})
+    announce(bus, job_id, "done", {"state": state})
     _ended(bus, job_id)
     log.info("job %s: %s", job_id, state)
     return state
@@ -362,8 +362,8 @@ def _fail(lease: _Lease, bus: Bus, kind: str, title: str, detail: str) -> str | 
             return None
         session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
         session.commit()
-    _publish(bus, job_id, "state", {"state": "failed", "error": error})
-    _publish(bus, job_id, "done", {"state": "failed"})
+    announce(bus, job_id, "state", {"state": "failed", "error": error})
+    announce(bus, job_id, "done", {"state": "failed"})
     _ended(bus, job_id)
     log.info("job %s: failed: %s", job_id, detail)
     return "failed"
@@ -374,11 +374,11 @@ def _requeue(lease: _Lease, bus: Bus, reporter: _Reporter) -> str | None:
     reporter.save_checkpoint()
     with lease.db() as session:
         handed_back = session.execute(update(Job).where(lease.mine(), Job.state == "running").values(
-            state="queued", lease_owner=None, lease_expires_at=None, enqueued_at=None)).rowcount
+            state="queued", lease_owner=None, lease_expires_at=None, enqueued_at=now())).rowcount
         session.commit()
     if not handed_back:
         return None
-    _publish(bus, lease.job_id, "state", {"state": "queued"})
+    announce(bus, lease.job_id, "state", {"state": "queued"})
     log.info("job %s: handed back at a checkpoint (worker shutting down)", lease.job_id)
     return "queued"
 
@@ -388,11 +388,4 @@ def _ended(bus: Bus, job_id: str) -> None:
         bus.ended(job_id)
     except Exception as exc:
         log.warning("job %s: live state not dropped: %s", job_id, exc)
-
-
-def _publish(bus: Bus, job_id: str, kind: str, data: dict) -> None:
-    try:
-        bus.publish(job_id, kind, data)
-    except Exception as exc:
-        log.warning("job %s: event %s not published: %s", job_id, kind, exc)
 

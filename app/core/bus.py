@@ -14,12 +14,15 @@ stream only costs the live view until the next publication.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import deque
 from typing import Protocol
 
 from .config import Settings
+
+log = logging.getLogger(__name__)
 
 STREAM_MAXLEN = 1000  # events kept per job: a client that falls further behind restarts from the snapshot
 LIVE_TTL_S = 7 * 24 * 3600  # a forgotten job's live state goes away on its own
@@ -153,6 +156,15 @@ class RedisBus:
 
     def ping(self) -> None:
         self._redis.ping()
+
+
+def announce(bus: Bus, job_id: str, kind: str, data: dict) -> None:
+    """Publish an event if the bus answers. Events are a convenience for followers; the database record is the
+    truth, so a bus that is down must not fail (or undo) the change the event announces."""
+    try:
+        bus.publish(job_id, kind, data)
+    except Exception as exc:
+        log.warning("job %s: event %s not published: %s", job_id, kind, exc)
 
 
 def make_bus(settings: Settings) -> Bus:

@@ -51,7 +51,9 @@ def _tenant(request: Request, session: SessionDep,
     """
     if not request.app.state.settings.require_api_keys:
         return DEFAULT_TENANT
-    return authenticate(session, credentials.credentials if credentials else None)
+    tenant = authenticate(session, credentials.credentials if credentials else None)
+    session.commit()  # end the read: the connection goes back to the pool while the request's uploads are stored
+    return tenant
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]

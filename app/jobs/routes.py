@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from app.core.db import SessionDep
@@ -33,7 +34,7 @@ async def submit_job(
     """Start a job: rank the model's neurons for the metric on the data."""
     job, _ = await service.create_job(session, settings, store, queue, bus, tenant, spec, model, data, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return service.job_view(job, bus)
+    return await run_in_threadpool(service.job_view, job, bus)  # it may ask Redis: off the event loop
 
 
 @router.get("", response_model=Page[JobOut], responses=ERRORS)

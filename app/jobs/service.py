@@ -17,14 +17,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 from fastapi import UploadFile
+from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.core import cursors
 from app.core.blobs import CHUNK, BlobStore, BlobTooLarge
-from app.core.bus import Bus, valid_event_id
+from app.core.bus import Bus, announce, valid_event_id
 from app.core.config import Settings
 from app.core.db import UNAVAILABLE, session_factory
 from app.core.problems import Problem, field_path, not_found
@@ -104,9 +105,20 @@ async def create_job(
     spec = parse_spec(spec_text, settings.max_spec_bytes)
     model_blob, _ = await _store_upload(store, model, settings.max_model_bytes, "model")
     data_blob, _ = await _store_upload(store, data, settings.max_data_bytes, "data")
+    # The rest blocks on the database: in a worker thread, so that a slow database (or a wait for a pooled
+    # connection) never stalls the event loop, which every other request, and the release of their
+    # connections, goes through.
+    return await run_in_threadpool(_record_job, session, settings, store, queue, bus, tenant, spec,
+                                   (model.filename, model_blob), (data.filename, data_blob), idempotency_key)
+
+
+def _record_job(session: Session, settings: Settings, store: BlobStore, queue: Queue, bus: Bus, tenant: str,
+                spec: JobSpec, model: tuple[str | None, str], data: tuple[str | None, str],
+                idempotency_key: str | None) -> tuple[Job, bool]:
+    (model_name, model_blob), (data_name, data_blob) = model, data
     try:
-        model_fmt = uploads.model_format(model.filename, store.path(model_blob), settings.allow_pickle_models)
-        data_fmt = uploads.data_format(data.filename, store.path(data_blob), settings.max_data_bytes)
+        model_fmt = uploads.model_format(model_name, store.path(model_blob), settings.allow_pickle_models)
+        data_fmt = uploads.data_format(data_name, store.path(data_blob), settings.max_data_bytes)
     except Problem:
         _forget_blob(session, store, model_blob)
         _forget_blob(session, store, data_blob)
@@ -129,7 +141,7 @@ async def create_job(
     job = Job(
         id=f"j_{secrets.token_hex(10)}", tenant=tenant, state="queued", name=spec.name, spec=spec_json,
         model_blob=model_blob, model_format=model_fmt, data_blob=data_blob, data_format=data_fmt,
-        idempotency_key=idempotency_key, request_hash=request_hash, created_at=now(),
+        idempotency_key=idempotency_key, request_hash=request_hash, created_at=now(), enqueued_at=now(),
         progress=Progress().model_dump(), cancel_requested=False,
     )
     session.add(job)
@@ -142,8 +154,10 @@ async def create_job(
             raise
         return existing, False
 
-    bus.publish(job.id, "state", {"state": "queued"})
-    recovery.send(settings, queue, [job.id])  # if the broker is away, the job stays queued and is sent again later
+    # The job exists from here on: what follows must not turn the answer into an error (the client would
+    # think nothing was made). A job not sent now is sent by a reconciler.
+    announce(bus, job.id, "state", {"state": "queued"})
+    recovery.send(settings, queue, [job.id])
     return job, True
 
 
@@ -274,12 +288,12 @@ def cancel_job(session: Session, bus: Bus, tenant: str, job_id: str) -> Job:
     if session.execute(update(Job).where(Job.id == job_id, Job.state == "queued")
                        .values(state="cancelled", cancel_requested=True, finished_at=t)).rowcount:
         session.commit()
-        bus.publish(job_id, "state", {"state": "cancelled"})
-        bus.publish(job_id, "done", {"state": "cancelled"})
+        announce(bus, job_id, "state", {"state": "cancelled"})
+        announce(bus, job_id, "done", {"state": "cancelled"})
     elif session.execute(update(Job).where(Job.id == job_id, Job.state == "running")
                          .values(state="cancelling", cancel_requested=True)).rowcount:
         session.commit()
-        bus.publish(job_id, "state", {"state": "cancelling"})
+        announce(bus, job_id, "state", {"state": "cancelling"})
     session.refresh(job)
     if job.state in ("succeeded", "failed"):
         raise Problem(409, "job-finished", "Job already finished",
@@ -300,7 +314,10 @@ def delete_job(session: Session, store: BlobStore, bus: Bus, tenant: str, job_id
     session.commit()
     for digest in blobs:
         _forget_blob(session, store, digest)
-    bus.clear(job_id)
+    try:
+        bus.clear(job_id)
+    except Exception as exc:  # the job is gone; its live keys expire on their own
+        log.warning("live state of deleted job %s not cleared: %s", job_id, exc)
 
 
 # --- events ---------------------------------------------------------------------------------------------------
@@ -318,7 +335,7 @@ async def job_events(session: Session, settings: Settings, bus: Bus, tenant: str
         raise Problem(400, "invalid-event-id", "Invalid Last-Event-ID",
                       f"Last-Event-ID {last_event_id!r} is not an id this stream sent; omit it to start from the beginning.",
                       field="Last-Event-ID")
-    job = get_job(session, tenant, job_id)
+    job = await run_in_threadpool(get_job, session, tenant, job_id)
     session.close()  # a stream may stay open for hours: hold no connection meanwhile
     after = last_event_id
     factory = session_factory(settings.resolved_database_url)
@@ -340,8 +357,7 @@ async def job_events(session: Session, settings: Settings, bus: Bus, tenant: str
                     return
             if not events:
                 try:
-                    with factory() as session:
-                        current = session.get(Job, job.id)
+                    current = await run_in_threadpool(_current, factory, job.id)
                 except UNAVAILABLE as exc:  # the database is restarting: keep the stream open and ask again
                     log.warning("events of %s: job record unavailable: %s", job.id, exc)
                     yield ": database unavailable\n\n"
@@ -355,6 +371,11 @@ async def job_events(session: Session, settings: Settings, bus: Bus, tenant: str
                 yield ": keep-alive\n\n"
 
     return stream()
+
+
+def _current(factory: sessionmaker[Session], job_id: str) -> Job | None:
+    with factory() as session:
+        return session.get(Job, job_id)
 
 
 def _sse(kind: str, data: dict, event_id: str | None = None) -> str:
