@@ -6,29 +6,33 @@ which is killed with SIGKILL in the middle of a job.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.core.bus import MemoryBus
 from app.core.config import Settings
 from app.core.db import migrate, session_factory
+from app.core.queue import CeleryQueue
 from app.jobs.models import Job, JobCheckpoint
+from app.jobs.recovery import reconcile
 from app.main import create_app
 from tests import stacks
 from tests.conftest import REDIS, postgres_schema
 from worker.runner import run_job
 
-RECOVER_FAST = {"lease_s": 2.0, "reconcile_interval_s": 0.5, "checkpoint_interval_s": 0.2, "publish_interval_s": 0.1}
+RECOVER_FAST = {"lease_s": 2.0, "reconcile_interval_s": 0.5, "requeue_after_s": 1.0, "checkpoint_interval_s": 0.2,
+                "publish_interval_s": 0.1}
 SPEC = {"metric": {"name": "accuracy"},
         "estimator": {"mode": "all", "half_width": 1e-6, "truncation": 0, "max_iterations": 800, "seed": 5,
                       "batch_size": 32}}
@@ -97,17 +101,39 @@ def test_a_job_saved_but_never_queued_is_sent_by_the_reconciler(cluster, tiny_cn
     template = post(cluster, tiny_cnn, SPEC | {"estimator": {"top_k": 3, "max_iterations": 8, "seed": 1}})
     with session_factory(cluster.settings.resolved_database_url)() as session:
         source = session.get(Job, template["id"])
-        # As if the API died right after its commit: a queued job that no message announces.
+        # As if the API died right after its commit: a queued job, recorded as sent, that no message announces.
         orphan = Job(id="j_orphan", tenant=source.tenant, state="queued", name=None, spec=source.spec,
                      model_blob=source.model_blob, model_format=source.model_format, data_blob=source.data_blob,
-                     data_format=source.data_format, created_at=datetime.now(UTC), progress=source.progress,
-                     cancel_requested=False)
+                     data_format=source.data_format, created_at=datetime.now(UTC), enqueued_at=datetime.now(UTC),
+                     progress=source.progress, cancel_requested=False)
         session.add(orphan)
         session.commit()
     with stacks.worker_process(cluster.settings, cluster.worker_log):
         orphaned = cluster.wait("j_orphan", ("succeeded", "failed"), timeout=120)
         assert orphaned["state"] == "succeeded", orphaned["error"]
         assert cluster.wait(template["id"], ("succeeded", "failed"), timeout=120)["state"] == "succeeded"
+
+
+def test_the_reconciler_sends_again_only_jobs_whose_message_is_not_in_the_queue(cluster, tiny_cnn):
+    """A deep queue is not a lost message: resending every job that waits longer than REQUEUE_AFTER_S would flood
+    the queue with duplicates (each resent again and again while it waits)."""
+    queue = CeleryQueue(cluster.settings.broker_url)
+    waiting = [post(cluster, tiny_cnn, SPEC)["id"] for _ in range(3)]  # no worker runs: their messages stay queued
+    lost = post(cluster, tiny_cnn, SPEC)["id"]
+    redis.Redis.from_url(cluster.settings.broker_url).lrem("jobs", 1, _message_of(cluster.settings.broker_url, lost))
+    assert queue.waiting() == set(waiting)
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    with session_factory(cluster.settings.resolved_database_url)() as session:
+        session.execute(update(Job).values(enqueued_at=long_ago))
+        session.commit()
+    assert reconcile(cluster.settings, queue) == [lost]
+    assert queue.waiting() == {*waiting, lost}
+    assert reconcile(cluster.settings, queue) == []  # sent once, not again at every round
+
+
+def _message_of(broker_url: str, job_id: str) -> bytes:
+    return next(m for m in redis.Redis.from_url(broker_url).lrange("jobs", 0, -1)
+                if job_id.encode() in base64.b64decode(json.loads(m)["body"]))
 
 
 def test_a_second_delivery_of_a_running_job_does_not_run_it(tmp_path, tiny_cnn):

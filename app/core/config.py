@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     migrate_on_start: bool = Field(True, description="run the migrations when the API starts")
     ablation_k: int = Field(10, ge=1, description="the ablation check removes the top 1..K neurons")
     lease_s: float = Field(60.0, gt=0, description="a running job's lease; its worker renews it every third of this")
-    requeue_after_s: float = Field(600.0, gt=0, description="a queued job not started this long after sending is sent again")
+    requeue_after_s: float = Field(60.0, gt=0, description="a queued job sent this long ago and not in the queue is sent again")
     db_outage_s: float = Field(900.0, ge=0, description="how long a worker waits out a database outage before giving up a job's write")
     reconcile_interval_s: float = Field(30.0, gt=0, description="how often a worker looks for jobs to recover")
     require_api_keys: bool = Field(False, description="demand `Authorization: Bearer <key>`; off: one tenant, `default`")

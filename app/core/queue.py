@@ -14,6 +14,9 @@ state and checkpoint), not from the broker.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 
 class Queue(Protocol):
     def enqueue(self, job_id: str) -> None: ...
+    def waiting(self) -> set[str] | None:
+        """The jobs whose message waits in the queue; None when the queue cannot tell."""
     def ping(self) -> None: ...
 
 
@@ -47,7 +52,10 @@ def celery_app(broker_url: str) -> "Celery":
         task_default_queue=QUEUE,
         task_acks_late=False,
         task_ignore_result=True,
-        worker_prefetch_multiplier=1,  # a worker holds one job at a time; the rest stay in the queue for others
+        # A worker takes a message only when it is idle: a message reserved behind a job that runs for hours would
+        # wait for hours, and be lost with the worker if it died.
+        worker_prefetch_multiplier=1,
+        worker_disable_prefetch=True,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 12 * 3600},
@@ -63,6 +71,29 @@ class CeleryQueue:
 
     def enqueue(self, job_id: str) -> None:
         self.app.send_task(TASK_RUN_JOB, args=[job_id], queue=QUEUE)
+
+    def waiting(self) -> set[str] | None:
+        """Read from the broker's list (Redis only): lets the reconciler tell a job that waits its turn in a deep
+        queue from one whose message was lost, so that it sends only the latter again."""
+        url = self.app.conf.broker_url
+        if not url.startswith(("redis://", "rediss://")):
+            return None
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=10)
+        try:
+            messages = client.lrange(QUEUE, 0, -1)
+        finally:
+            client.close()
+        ids = set()
+        for raw in messages:
+            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+                message = json.loads(raw)
+                body = message["body"]
+                if message["properties"].get("body_encoding") == "base64":
+                    body = base64.b64decode(body)
+                ids.add(json.loads(body)[0][0])
+        return ids
 
     def ping(self) -> None:
         with self.app.connection_for_write() as conn:
@@ -80,13 +111,23 @@ class ThreadQueue:
         self.settings, self.bus = settings, bus
         self._stopping = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuronshap-job")
+        self._waiting: set[str] = set()
+        self._lock = threading.Lock()
 
     def enqueue(self, job_id: str) -> None:
+        with self._lock:
+            self._waiting.add(job_id)
         self._pool.submit(self._run, job_id)
+
+    def waiting(self) -> set[str]:
+        with self._lock:
+            return set(self._waiting)
 
     def _run(self, job_id: str) -> None:
         from worker.runner import run_job
 
+        with self._lock:
+            self._waiting.discard(job_id)
         try:
             run_job(job_id, self.settings, self.bus, should_exit=self._stopping.is_set)
         except Exception:  # the runner records job errors itself; this is a bug in it, keep the thread alive

@@ -6,8 +6,10 @@ lease has expired the job goes back to ``queued`` and is sent again; the next
 worker resumes it from its last checkpoint. A queued job whose message was
 lost (the API died between saving it and sending it, or a worker died after
 taking the message but before claiming the job) is sent again once it has
-waited ``NEURONSHAP_REQUEUE_AFTER_S`` since it was last sent. Sending a job
-twice is harmless: the runner's claim lets one copy run.
+waited ``NEURONSHAP_REQUEUE_AFTER_S`` since it was last sent and its message
+is not in the queue (the queue is read where it can tell: Redis, and the
+embedded thread), so a job waiting its turn in a deep queue is never sent
+again. Sending a job twice is harmless: the runner's claim lets one copy run.
 
 Workers run :func:`reconcile` on a timer; the embedded service runs
 :func:`requeue_unfinished` when it starts, since its own thread was the only
@@ -22,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import or_, select, update
 
 from app.core.config import Settings
-from app.core.db import session_factory
+from app.core.db import UNAVAILABLE, session_factory
 from app.core.queue import Queue
 
 from .models import Job
@@ -38,8 +40,9 @@ def reconcile(settings: Settings, queue: Queue) -> list[str]:
     """Requeue jobs with an expired lease or a lost message; end abandoned cancellations. Returns the ids sent."""
     t = now()
     with session_factory(settings.resolved_database_url)() as session:
-        session.execute(update(Job).where(Job.state == "cancelling", Job.lease_expires_at < t)
-                        .values(state="cancelled", finished_at=t, lease_owner=None, lease_expires_at=None))
+        abandoned = session.execute(update(Job).where(Job.state == "cancelling", Job.lease_expires_at < t)
+                                    .values(state="cancelled", finished_at=t, lease_owner=None, lease_expires_at=None)
+                                    .returning(Job.id)).scalars().all()
         orphaned = session.execute(update(Job).where(Job.state == "running", Job.lease_expires_at < t)
                                    .values(state="queued", lease_owner=None, lease_expires_at=None, enqueued_at=None)
                                    .returning(Job.id)).scalars().all()
@@ -47,6 +50,11 @@ def reconcile(settings: Settings, queue: Queue) -> list[str]:
         stale = t - timedelta(seconds=settings.requeue_after_s)
         ids = list(session.scalars(select(Job.id).where(
             Job.state == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale)).order_by(Job.created_at)))
+    waiting = queue.waiting()
+    if waiting is not None:  # a job whose message is still in the queue is waiting its turn, not lost
+        ids = [job_id for job_id in ids if job_id not in waiting]
+    for job_id in abandoned:
+        log.warning("job %s: cancelled (its worker stopped renewing the lease while cancelling)", job_id)
     for job_id in orphaned:
         log.warning("job %s: its worker stopped renewing the lease; requeued", job_id)
     return send(settings, queue, ids)
@@ -76,7 +84,10 @@ def send(settings: Settings, queue: Queue, ids: list[str]) -> list[str]:
             continue
         sent.append(job_id)
     if sent:
-        with session_factory(settings.resolved_database_url)() as session:
-            session.execute(update(Job).where(Job.id.in_(sent), Job.state == "queued").values(enqueued_at=now()))
-            session.commit()
+        try:
+            with session_factory(settings.resolved_database_url)() as session:
+                session.execute(update(Job).where(Job.id.in_(sent), Job.state == "queued").values(enqueued_at=now()))
+                session.commit()
+        except UNAVAILABLE as exc:  # unrecorded, the jobs look unsent: a reconciler sends them again, harmlessly
+            log.warning("jobs %s: sent, but the time of sending was not recorded: %s", sent, exc)
     return sent
