@@ -146,3 +146,35 @@ def test_a_second_delivery_of_a_running_job_does_not_run_it(tmp_path, tiny_cnn):
         assert owner and str(os.getpid()) in owner
         stack.client.post(f"/v1/jobs/{job['id']}/cancel")
         assert stack.wait(job["id"], ("cancelled",), timeout=30)["state"] == "cancelled"
+
+
+def test_cancelling_a_job_with_partial_estimates_keeps_them_whatever_became_of_its_worker(cluster, tiny_cnn):
+    """Partial estimates live in a job's checkpoint. Cancelled while queued after its worker shut down, or left
+    cancelling by a worker that died, such a job goes to a worker that stores those estimates and ends it; a job
+    with nothing saved ends at once. Either way no checkpoint outlives the job's end."""
+    settings = cluster.settings
+    handed_back, abandoned, bare = (post(cluster, tiny_cnn, SPEC)["id"] for _ in range(3))
+    for job_id in (handed_back, abandoned):
+        started = time.monotonic()
+        assert run_job(job_id, settings, MemoryBus(), should_exit=lambda: time.monotonic() - started > 1) == "queued"
+    saved = {job_id: checkpoint_iterations(settings, job_id) for job_id in (handed_back, abandoned)}
+    assert all(0 < n < 800 for n in saved.values()), saved
+
+    assert cluster.client.post(f"/v1/jobs/{handed_back}/cancel").json()["state"] == "cancelling"
+    with session_factory(settings.resolved_database_url)() as session:  # as a worker that died while cancelling
+        session.execute(update(Job).where(Job.id.in_((abandoned, bare))).values(
+            state="cancelling", cancel_requested=True, lease_owner="dead",
+            lease_expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        session.commit()
+    redis.Redis.from_url(settings.broker_url).delete("jobs")  # their messages went with the dead worker
+    sent = reconcile(settings, CeleryQueue(settings.broker_url))
+    assert abandoned in sent and bare not in sent
+    assert cluster.client.get(f"/v1/jobs/{bare}").json()["state"] == "cancelled"
+
+    for job_id in (handed_back, abandoned):
+        assert run_job(job_id, settings, MemoryBus()) == "cancelled"
+        job = cluster.client.get(f"/v1/jobs/{job_id}").json()
+        assert job["state"] == "cancelled" and job["progress"]["iterations"] == saved[job_id]
+        neurons = cluster.client.get(f"/v1/jobs/{job_id}/neurons").json()["items"]
+        assert neurons and all(n["samples"] == saved[job_id] for n in neurons)
+    assert all(checkpoint_iterations(settings, job_id) is None for job_id in (handed_back, abandoned, bare))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import and_, delete, func, or_, update
+from sqlalchemy import and_, case, delete, func, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.blobs import BlobStore
@@ -62,7 +62,7 @@ def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[],
     """Run a job to its end; returns its new state, or None when it was not (or stopped being) ours to run.
 
     ``should_exit`` is the worker shutting down: the job stops at the next
-    pass, saves a checkpoint and goes back to ``queued`` for the next worker.
+    pass, saves a checkpoint and goes back to ``queued`` (or stays ``cancelling``) for the next worker.
     """
     db = session_factory(settings.resolved_database_url)
     lease = _Lease(db, job_id, worker_identity(), settings.lease_s)
@@ -71,7 +71,7 @@ def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[],
     if job is None:
         log.info("job %s: not claimable (finished, cancelled, deleted or leased by another worker); skipped", job_id)
         return None
-    announce(bus, job_id, "state", {"state": "running"})
+    announce(bus, job_id, "state", {"state": job.state})
     reporter = _Reporter(job_id, settings, bus, db, lease, should_exit or (lambda: False))
     with lease.kept():
         try:
@@ -164,10 +164,12 @@ class _Lease:
     def claim(self) -> Job | None:
         t = now()
         with self.db() as session:
-            claimable = or_(Job.state == "queued", and_(Job.state == "running", Job.lease_expires_at < t))
+            unleased = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < t)
+            claimable = or_(Job.state == "queued", and_(Job.state.in_(("running", "cancelling")), unleased))
+            # A cancelling job stays cancelling: its worker stores the partial estimates and ends it.
             claimed = session.execute(update(Job).where(Job.id == self.job_id, claimable).values(
-                state="running", started_at=func.coalesce(Job.started_at, t), lease_owner=self.owner,
-                lease_expires_at=self._expiry())).rowcount
+                state=_unless_cancelling("running"), started_at=func.coalesce(Job.started_at, t),
+                lease_owner=self.owner, lease_expires_at=self._expiry())).rowcount
             session.commit()
             return session.get(Job, self.job_id) if claimed else None
 
@@ -373,14 +375,21 @@ def _requeue(lease: _Lease, bus: Bus, reporter: _Reporter) -> str | None:
     """The worker is shutting down: keep the work done so far and hand the job back."""
     reporter.save_checkpoint()
     with lease.db() as session:
-        handed_back = session.execute(update(Job).where(lease.mine(), Job.state == "running").values(
-            state="queued", lease_owner=None, lease_expires_at=None, enqueued_at=now())).rowcount
+        handed_back = session.execute(update(Job).where(lease.mine(), Job.state.in_(("running", "cancelling")))
+                                      .values(state=_unless_cancelling("queued"), lease_owner=None,
+                                              lease_expires_at=None, enqueued_at=now())
+                                      .returning(Job.state)).scalar_one_or_none()
         session.commit()
-    if not handed_back:
+    if handed_back is None:
         return None
-    announce(bus, lease.job_id, "state", {"state": "queued"})
+    announce(bus, lease.job_id, "state", {"state": handed_back})
     log.info("job %s: handed back at a checkpoint (worker shutting down)", lease.job_id)
-    return "queued"
+    return handed_back
+
+
+def _unless_cancelling(state: str):
+    """The new state of a job that moves to ``state``, unless it is being cancelled: cancellation is never undone."""
+    return case((Job.state == "cancelling", Job.state), else_=state)
 
 
 def _ended(bus: Bus, job_id: str) -> None:

@@ -58,5 +58,5 @@ def _start_reconciler(**_: object) -> None:
 
 @app.task(name=TASK_RUN_JOB, ignore_result=True)
 def run(job_id: str) -> None:
-    if run_job(job_id, settings, _bus, should_exit=_shutting_down.is_set) == "queued":
+    if run_job(job_id, settings, _bus, should_exit=_shutting_down.is_set) in ("queued", "cancelling"):
         CeleryQueue(settings.broker_url).enqueue(job_id)  # handed back at a checkpoint: the next worker resumes it

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import (JSON, Boolean, ColumnElement, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String,
+                        UniqueConstraint, exists)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base
@@ -83,3 +84,8 @@ class JobAblation(Base):
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     curve: Mapped[dict] = mapped_column(JSON)
+
+
+def has_checkpoint() -> ColumnElement[bool]:
+    """The job has partial estimates saved: ending it without a worker would lose them."""
+    return exists().where(JobCheckpoint.job_id == Job.id)

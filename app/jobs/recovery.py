@@ -11,6 +11,10 @@ is not in the queue (the queue is read where it can tell: Redis, and the
 embedded thread), so a job waiting its turn in a deep queue is never sent
 again. Sending a job twice is harmless: the runner's claim lets one copy run.
 
+A cancelling job whose worker is gone ends ``cancelled`` at once if it has no
+checkpoint; with one, it is sent to a worker, which stores the checkpoint's
+partial estimates as the job's result without running further.
+
 Workers run :func:`reconcile` on a timer; the embedded service runs
 :func:`requeue_unfinished` when it starts, since its own thread was the only
 worker.
@@ -21,13 +25,14 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.db import UNAVAILABLE, session_factory
 from app.core.queue import Queue
 
-from .models import Job
+from .models import Job, has_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +44,16 @@ def now() -> datetime:
 def reconcile(settings: Settings, queue: Queue) -> list[str]:
     """Requeue jobs with an expired lease or a lost message; end abandoned cancellations. Returns the ids sent."""
     t = now()
+    expired = Job.lease_expires_at < t
     with session_factory(settings.resolved_database_url)() as session:
-        abandoned = session.execute(update(Job).where(Job.state == "cancelling", Job.lease_expires_at < t)
-                                    .values(state="cancelled", finished_at=t, lease_owner=None, lease_expires_at=None)
-                                    .returning(Job.id)).scalars().all()
-        orphaned = session.execute(update(Job).where(Job.state == "running", Job.lease_expires_at < t)
+        abandoned = _release_cancellations(session, expired)
+        orphaned = session.execute(update(Job).where(Job.state == "running", expired)
                                    .values(state="queued", lease_owner=None, lease_expires_at=None, enqueued_at=None)
                                    .returning(Job.id)).scalars().all()
         session.commit()
         stale = t - timedelta(seconds=settings.requeue_after_s)
         ids = list(session.scalars(select(Job.id).where(
-            Job.state == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale)).order_by(Job.created_at)))
+            _unleased_to_run(), or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale)).order_by(Job.created_at)))
     waiting = queue.waiting()
     if waiting is not None:  # a job whose message is still in the queue is waiting its turn, not lost
         ids = [job_id for job_id in ids if job_id not in waiting]
@@ -62,15 +66,29 @@ def reconcile(settings: Settings, queue: Queue) -> list[str]:
 
 def requeue_unfinished(settings: Settings, queue: Queue) -> list[str]:
     """At the embedded service's start: whatever was running belonged to the previous process."""
-    t = now()
     with session_factory(settings.resolved_database_url)() as session:
         session.execute(update(Job).where(Job.state == "running")
                         .values(state="queued", lease_owner=None, lease_expires_at=None))
-        session.execute(update(Job).where(Job.state == "cancelling")
-                        .values(state="cancelled", finished_at=t, lease_owner=None, lease_expires_at=None))
+        _release_cancellations(session)
         session.commit()
-        ids = list(session.scalars(select(Job.id).where(Job.state == "queued").order_by(Job.created_at)))
+        ids = list(session.scalars(select(Job.id).where(_unleased_to_run()).order_by(Job.created_at)))
     return send(settings, queue, ids)
+
+
+def _release_cancellations(session: Session, *where: ColumnElement[bool]) -> list[str]:
+    """Cancelling jobs whose worker is gone: one without a checkpoint ends ``cancelled`` here (returns their ids);
+    one with a checkpoint loses its lease, to be sent to a worker that stores its partial estimates and ends it."""
+    ended = session.execute(update(Job).where(Job.state == "cancelling", ~has_checkpoint(), *where)
+                            .values(state="cancelled", finished_at=now(), lease_owner=None, lease_expires_at=None)
+                            .returning(Job.id)).scalars().all()
+    session.execute(update(Job).where(Job.state == "cancelling", Job.lease_owner.is_not(None), *where)
+                    .values(lease_owner=None, lease_expires_at=None, enqueued_at=None))
+    return list(ended)
+
+
+def _unleased_to_run() -> ColumnElement[bool]:
+    """Jobs that wait for a worker: queued ones, and cancelling ones whose partial estimates are still to store."""
+    return or_(Job.state == "queued", and_(Job.state == "cancelling", Job.lease_owner.is_(None)))
 
 
 def send(settings: Settings, queue: Queue, ids: list[str]) -> list[str]:

@@ -32,7 +32,7 @@ from app.core.problems import Problem, field_path, not_found
 from app.core.queue import Queue
 
 from . import recovery, uploads
-from .models import ACTIVE_STATES, FINISHED_STATES, Job, JobAblation, JobNeuron
+from .models import ACTIVE_STATES, FINISHED_STATES, Job, JobAblation, JobCheckpoint, JobNeuron, has_checkpoint
 from .schemas import JobSpec, Progress
 
 log = logging.getLogger(__name__)
@@ -281,16 +281,20 @@ def get_ablation(session: Session, job: Job) -> dict:
 
 
 def cancel_job(session: Session, bus: Bus, tenant: str, job_id: str) -> Job:
-    """Queued jobs end at once; running ones are asked to stop and end ``cancelled`` within seconds."""
+    """Queued jobs end at once; running ones are asked to stop and end ``cancelled`` within seconds.
+
+    A queued job that has run before (its worker died or shut down) has partial estimates in a checkpoint:
+    it goes ``cancelling`` too, and the next worker to take it stores those estimates and ends it at once.
+    """
     job = get_job(session, tenant, job_id)
     t = now()
     # Conditional updates: the worker may change the state at the same moment.
-    if session.execute(update(Job).where(Job.id == job_id, Job.state == "queued")
+    if session.execute(update(Job).where(Job.id == job_id, Job.state == "queued", ~has_checkpoint())
                        .values(state="cancelled", cancel_requested=True, finished_at=t)).rowcount:
         session.commit()
         announce(bus, job_id, "state", {"state": "cancelled"})
         announce(bus, job_id, "done", {"state": "cancelled"})
-    elif session.execute(update(Job).where(Job.id == job_id, Job.state == "running")
+    elif session.execute(update(Job).where(Job.id == job_id, Job.state.in_(("queued", "running")))
                          .values(state="cancelling", cancel_requested=True)).rowcount:
         session.commit()
         announce(bus, job_id, "state", {"state": "cancelling"})
@@ -308,7 +312,8 @@ def delete_job(session: Session, store: BlobStore, bus: Bus, tenant: str, job_id
                       f"Job {job_id} is {job.state}; cancel it (POST /v1/jobs/{job_id}/cancel) and delete it once it "
                       "is cancelled.")
     blobs = {job.model_blob, job.data_blob}
-    for table in (JobNeuron, JobAblation):  # explicit: SQLite enforces ON DELETE CASCADE only per connection setting
+    # Explicit: SQLite enforces ON DELETE CASCADE only under a per-connection setting.
+    for table in (JobNeuron, JobAblation, JobCheckpoint):
         session.execute(delete(table).where(table.job_id == job_id))
     session.delete(job)
     session.commit()
