@@ -15,6 +15,9 @@ import pytest
                               "p99 (ms)", "errors"), 300),
     ("bench.bench_publish_share", ("Time spent publishing", "share of job (%)", "ms/publication", "Cross-check",
                                    "minus off (s)", "Target: publishing < 2%"), 300),
+    # Exits 1 on any violation: at this scale too, every job must end once, stored once, nothing stuck.
+    ("bench.bench_job_load", ("Figures", "submit p99 (ms)", "to end p99 (s)", "Checks",
+                              "every job ended once, in the state it must; results stored once; nothing stuck"), 300),
 ])
 def test_benchmark_runs_quick(module: str, headings: tuple[str, ...], timeout: int):
     result = subprocess.run([sys.executable, "-m", module, "--quick"], capture_output=True, text=True, timeout=timeout)
