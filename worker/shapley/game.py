@@ -16,6 +16,7 @@ import torch.fx
 
 from .data import EvalData
 from .errors import ModelError, SpecError
+from .grouped import GroupedSuffix, grouping_matches
 from .masking import MaskedModel, build_masked_model, probe, record_sites
 from .metrics import Metric, MetricSpec
 from .players import Layer, find_layers, select_layers
@@ -49,6 +50,8 @@ class NeuronGame:
         device: where to run; the GPU when there is one.
         cache_prefix: run the part of the model before the first mask once per batch.
         memory_bytes: activation memory one forward pass may use; bounds coalitions per pass.
+        grouped: compute a pass's coalitions once per group that shares the masks of every layer so far
+            (:mod:`worker.shapley.grouped`), where the model passes the check that this changes no output.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class NeuronGame:
         device: str | torch.device | None = None,
         cache_prefix: bool = True,
         memory_bytes: int | None = None,
+        grouped: bool = True,
     ) -> None:
         if ablation not in ABLATIONS:
             raise SpecError(f"Unknown ablation {ablation!r}; choose 'zero' or 'mean'.")
@@ -78,7 +82,9 @@ class NeuronGame:
         self.metric = Metric(metric, data, self.n_classes, probabilities)
 
         fills = self._mean_fills(model, data) if ablation == "mean" else None
-        self.model: MaskedModel = build_masked_model(model, self.layers, example, fills, cache_prefix).to(self.device)
+        self.model: MaskedModel = build_masked_model(model, self.layers, example, fills, cache_prefix)
+        self._grouped = GroupedSuffix(self.model.suffix) if grouped and grouping_matches(self.model, example) else None
+        self.model.to(self.device)
         self.data = self.metric.restrict(data)
         self._inputs = self.data.inputs.to(self.device)
         self._labels = self.data.labels.to(self.device)
@@ -115,6 +121,7 @@ class NeuronGame:
             "examples": len(self.data),
             "batch_size": self.batch_size,
             "outputs_are_probabilities": self.metric.outputs_are_probabilities,
+            "grouped_evaluation": self._grouped is not None,
         }
 
     @torch.inference_mode()
@@ -133,9 +140,12 @@ class NeuronGame:
     def evaluate(self, sample: Sample, masks: torch.Tensor, lanes: torch.Tensor) -> torch.Tensor:
         """Metric values (float64, CPU) of coalitions ``masks`` (``[M, n]`` bool) on their lanes' batches."""
         lanes = lanes.to(self.device)
-        rows = sample.lane_rows[lanes].reshape(-1)
         masks = masks.to(self.device, self._inputs.dtype)
-        out = self.model.run(sample.frontier, rows, masks).reshape(masks.shape[0], self.batch_size, -1)
+        if self._grouped is not None:
+            out = self._grouped.evaluate(sample.frontier, sample.lane_rows, lanes, masks)
+        else:
+            out = self.model.run(sample.frontier, sample.lane_rows[lanes].reshape(-1), masks)
+        out = out.reshape(masks.shape[0], self.batch_size, -1)
         groups = None if sample.groups is None else sample.groups[lanes]
         return self.metric(out, sample.labels[lanes], groups).cpu()
 
