@@ -22,11 +22,13 @@ Sections
     seeds; after every round we record whether the current top-10 is correct,
     and report the first point from which it stays correct to the end of the
     run ("stable-correct").
-(b) Coalition evaluations per second: many coalitions per forward pass
-    (library defaults) against one per pass, with and without the prefix
-    cache, plus the pass size that a short timing finds fastest.
-(c) Achieved FLOP/s of the batched evaluation against a float32 matmul peak
-    measured in the same run.
+(b) Coalition evaluations per second: many coalitions per forward pass,
+    grouped by their upstream masks (library defaults) and not grouped,
+    against one per pass, with and without the prefix cache, and a few pass
+    sizes around the default.
+(c) Achieved FLOP/s of section (b)'s runs (FLOPs counted on the same walks)
+    against a float32 matmul peak measured in the same run, beside the
+    effective rate that prices every coalition at a full suffix pass.
 (d) A one-at-a-time sweep around the defaults (bound, truncation, batch size,
     lanes) on the digits CNN: two seeds per configuration, each run under a
     time cap and stopped early once its top-10 has stayed correct long enough.
@@ -270,10 +272,11 @@ class Model:
     accuracy: float
     train_s: float
 
-    def game(self, batch_size: int | None = 128, cache_prefix: bool = True) -> NeuronGame:
+    def game(self, batch_size: int | None = 128, cache_prefix: bool = True, grouped: bool = True) -> NeuronGame:
         """The game on this model; ``batch_size=None`` uses the whole evaluation set every time."""
         size = len(self.data) if batch_size is None else batch_size
-        return NeuronGame(self.graph, self.data, MetricSpec("accuracy"), batch_size=size, cache_prefix=cache_prefix)
+        return NeuronGame(self.graph, self.data, MetricSpec("accuracy"), batch_size=size, cache_prefix=cache_prefix,
+                          grouped=grouped)
 
 
 def build_model(kind: str, scale: Scale, split, folder: Path) -> Model:
@@ -452,14 +455,21 @@ def worst_pick(values: torch.Tensor | None, reference: torch.Tensor) -> str:
 
 
 def fastest_pass(game: NeuronGame, seconds: float = 0.3) -> tuple[int, dict]:
-    """Coalitions per pass with the most evaluations per second on this game (measured, ~``seconds`` each)."""
+    """Coalitions per pass with the most evaluations per second on this game (measured, ~``seconds`` each), on
+    what a pass really holds: consecutive coalitions of a permutation walk (the grouped evaluation gains from
+    their shared masks; random coalitions would hide that)."""
     sample = game.sample(torch.Generator().manual_seed(0), 1)
     limit = game.max_coalitions_per_pass
-    candidates = sorted({m for m in (1, 2, 4, 8, 16, 32, 64) if m <= limit} | {min(limit, TMABConfig().coalitions_per_pass)})
+    candidates = sorted({m for m in (1, 2, 4, 8, 16, 32, 64, 128) if m <= limit} |
+                        {min(limit, TMABConfig().coalitions_per_pass)})
     gen = torch.Generator().manual_seed(0)
+    n = game.n_players
     rates = {}
     for m in candidates:
-        masks = torch.rand(m, game.n_players, generator=gen) < 0.5
+        rank = torch.empty(n, dtype=torch.long)
+        rank[torch.randperm(n, generator=gen)] = torch.arange(n)
+        first = int(torch.randint(0, max(1, n - m), (1,), generator=gen))
+        masks = rank.unsqueeze(0) >= torch.arange(first, first + m).unsqueeze(1)  # steps first .. first+m-1
         lanes = torch.zeros(m, dtype=torch.long)
         game.evaluate(sample, masks, lanes)
         done, start = 0, time.perf_counter()
@@ -622,46 +632,51 @@ def time_to_correct(model: Model, scale: Scale, ref: Reference) -> dict:
 
 def throughput(model: Model, iterations: int, scale: Scale) -> dict:
     base = TMABConfig()
-    games = {True: model.game(128, cache_prefix=True), False: model.game(128, cache_prefix=False)}
+    games = {(cache, grouped): model.game(128, cache_prefix=cache, grouped=grouped)
+             for cache, grouped in ((True, True), (True, False), (False, False))}
     for game in games.values():
         _warm_up(game)
-    best, _ = fastest_pass(games[True], scale.calibrate_seconds)
     configs = [
-        ("batched (defaults)", True, base.lanes, base.coalitions_per_pass),
-        ("one per pass", True, 1, 1),
-        ("batched, no prefix cache", False, base.lanes, base.coalitions_per_pass),
-        ("one per pass, no prefix cache", False, 1, 1),
-        (f"coalitions/pass measured fastest", True, max(1, min(base.lanes, best)), best),
+        ("batched, grouped (defaults)", (True, True), base.lanes, base.coalitions_per_pass),
+        ("batched, not grouped", (True, False), base.lanes, base.coalitions_per_pass),
+        ("one per pass", (True, False), 1, 1),
+        ("batched, not grouped, no prefix cache", (False, False), base.lanes, base.coalitions_per_pass),
+        ("one per pass, no prefix cache", (False, False), 1, 1),
     ]
+    configs += [(f"grouped, {cpp} per pass", (True, True), base.lanes, cpp)
+                for cpp in (16, 32, 128) if cpp != base.coalitions_per_pass]
     results = {}
-    for label, cache, lanes, cpp in configs:
-        game = games[cache]
+    for label, key, lanes, cpp in configs:
+        game = games[key]
         cfg = TMABConfig(mode="all", truncation=0.0, min_samples=OFF, lanes=lanes, coalitions_per_pass=cpp,
                          seed=SEED_THROUGHPUT, max_iterations=iterations)
         est = run_tmab(game, cfg)
         per_pass = max(1, min(cpp, game.max_coalitions_per_pass))
-        results[label] = (est, per_pass, game.batch_size)
+        results[label] = (est, per_pass, game.batch_size, game, cfg)
     rows = []
-    ref_rate = None
-    for label, (est, per_pass, batch) in results.items():
-        rate = est.evaluations / est.elapsed_s
-        ref_rate = ref_rate or rate
-        rows.append([label, per_pass, per_pass * batch, est.iterations, est.evaluations, est.elapsed_s, rate,
-                     est.rows / est.elapsed_s])
+    for label, (est, per_pass, batch, _, _) in results.items():
+        rows.append([label, per_pass, per_pass * batch, est.iterations, est.evaluations, est.elapsed_s,
+                     est.evaluations / est.elapsed_s, est.rows / est.elapsed_s])
     table(["configuration", "coalitions/pass", "rows/pass", "perms", "evaluations", "time (s)", "evals/s", "rows/s"], rows)
+    out("every configuration evaluates the same coalitions (same seed and lanes); 'rows' counts a coalition's "
+        "batch once, whether or not grouping computed all of it")
     rate = {k: v[0].evaluations / v[0].elapsed_s for k, v in results.items()}
+    same = torch.allclose(results["batched, grouped (defaults)"][0].values, results["batched, not grouped"][0].values,
+                          atol=1e-9)
     ratios = [
-        ["batched / one per pass (prefix cache on)", rate["batched (defaults)"] / rate["one per pass"]],
-        ["batched / one per pass (prefix cache off)", rate["batched, no prefix cache"] / rate["one per pass, no prefix cache"]],
-        ["prefix cache on / off (batched)", rate["batched (defaults)"] / rate["batched, no prefix cache"]],
+        ["batched, grouped (defaults) / one per pass", rate["batched, grouped (defaults)"] / rate["one per pass"]],
+        ["grouped / not grouped (batched)", rate["batched, grouped (defaults)"] / rate["batched, not grouped"]],
+        ["batched, not grouped / one per pass", rate["batched, not grouped"] / rate["one per pass"]],
+        ["prefix cache on / off (batched, not grouped)",
+         rate["batched, not grouped"] / rate["batched, not grouped, no prefix cache"]],
         ["prefix cache on / off (one per pass)", rate["one per pass"] / rate["one per pass, no prefix cache"]],
-        ["defaults / one per pass without cache", rate["batched (defaults)"] / rate["one per pass, no prefix cache"]],
-        ["measured-fastest pass size / defaults", rate["coalitions/pass measured fastest"] / rate["batched (defaults)"]],
+        ["defaults / one per pass without cache", rate["batched, grouped (defaults)"] / rate["one per pass, no prefix cache"]],
     ]
     table(["ratio of evaluations per second", "x"], [[a, f"{b:.2f}x"] for a, b in ratios])
+    out(f"grouped and not grouped give the same values: {'yes' if same else 'NO'}")
     best = ratios[0][1]
     out(f"target >= 3x (batched vs one coalition per pass, same game): {'met' if best >= 3 else 'NOT met'} ({best:.2f}x)")
-    return {"batched": results["batched (defaults)"][0], "fastest": results["coalitions/pass measured fastest"][0]}
+    return {label: results[label] for label in ("batched, grouped (defaults)", "batched, not grouped", "one per pass")}
 
 
 def _warm_up(game: NeuronGame) -> None:
@@ -674,7 +689,9 @@ def _warm_up(game: NeuronGame) -> None:
 # --------------------------------------------------------------------------- (c)
 
 
-def flops(model: Model, runs: dict, tmab: RunResult, peak: float) -> None:
+def flops(model: Model, runs: dict, peak: float) -> None:
+    """FLOPs really executed per second (counted by FlopCounterMode on the same walks), and the *effective*
+    rate: every coalition's rows priced at a full suffix pass, as if grouping had not saved any of it."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = model.data.inputs[:1]
@@ -682,7 +699,7 @@ def flops(model: Model, runs: dict, tmab: RunResult, peak: float) -> None:
         with torch.no_grad():
             model.module(x)
     forward = counter.get_total_flops()
-    game = model.game(128)
+    game = model.game(128, grouped=False)
     with FlopCounterMode(display=False) as counter:
         with torch.inference_mode():
             frontier = game.model.prefix(x)
@@ -691,17 +708,19 @@ def flops(model: Model, runs: dict, tmab: RunResult, peak: float) -> None:
         with torch.inference_mode():
             game.model.run(frontier, torch.zeros(1, dtype=torch.long), torch.ones(1, game.n_players))
     suffix = counter.get_total_flops()
+    out(f"FLOPs per example: whole forward {forward:,}; masked suffix (run once per coalition row when not grouped) "
+        f"{suffix:,}; prefix (once per example per batch) {prefix:,}")
     rows = []
-    for label, rows_s in (
-        ("batched evaluation (defaults), section (b)", runs["batched"].rows / runs["batched"].elapsed_s),
-        ("measured-fastest pass size, section (b)", runs["fastest"].rows / runs["fastest"].elapsed_s),
-        ("TMAB defaults run, section (a)", tmab.rows / tmab.seconds if tmab.seconds else 0.0),
-    ):
-        rows.append([label, rows_s, suffix * rows_s / 1e9, forward * rows_s / 1e9,
-                     f"{100 * suffix * rows_s / peak:.1f}%", f"{100 * forward * rows_s / peak:.1f}%"])
-    out(f"FLOPs per example: whole forward {forward:,}; masked suffix (run once per coalition row) {suffix:,}; "
-        f"prefix (once per example per batch) {prefix:,}")
-    table(["run", "rows/s", "suffix GFLOP/s", "forward GFLOP/s", "suffix / peak", "forward / peak"], rows)
+    for label, (est, _, _, run_game, cfg) in runs.items():
+        with FlopCounterMode(display=False) as counter:  # the same walks, counted (a counted run is slower)
+            counted = run_tmab(run_game, replace(cfg, max_iterations=min(cfg.max_iterations, 2)))
+        per_evaluation = counter.get_total_flops() / counted.evaluations
+        achieved = per_evaluation * est.evaluations / est.elapsed_s
+        effective = suffix * est.rows / est.elapsed_s
+        rows.append([label, est.rows / est.elapsed_s, f"{per_evaluation / 1e6:,.1f}", achieved / 1e9,
+                     f"{100 * achieved / peak:.1f}%", effective / 1e9])
+    table(["run, section (b)", "rows/s", "MFLOP per evaluation (counted)", "achieved GFLOP/s", "achieved / peak",
+           "effective suffix GFLOP/s"], rows)
 
 
 # --------------------------------------------------------------------------- (d)
@@ -764,7 +783,7 @@ def _cut(run: RunResult, cap: float) -> RunResult:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny scale: checks that the benchmark still runs")
-    parser.add_argument("--sections", default="abcd", help="which sections to run (default: abcd); b-d need a")
+    parser.add_argument("--sections", default="abcd", help="which sections to run (default: abcd); c needs b, d needs a")
     parser.add_argument("--models", default="digits,wide", help="comma-separated: digits, wide")
     args = parser.parse_args(argv)
     kinds = [k for k in ("digits", "wide") if k in args.models.split(",")]
@@ -803,8 +822,8 @@ def main(argv: list[str] | None = None) -> None:
             out(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
             for m in models:
                 out(f"-- {m.label}")
-                if m.kind in batched and m.kind in results:
-                    flops(m, batched[m.kind], results[m.kind]["tmab"], peak)
+                if m.kind in batched:
+                    flops(m, batched[m.kind], peak)
 
         if "d" in args.sections and "digits" in results:
             section("(d) Defaults sweep on the digits CNN")
