@@ -102,7 +102,8 @@ class GroupedSuffix(torch.fx.Interpreter):
             both = torch.cat([x.key.unsqueeze(1).to(m.dtype), m], 1)
             uniq, key = torch.unique(both, dim=0, return_inverse=True)
             reps = _representatives(key, len(uniq))
-            return _Grouped(gate(x.expand(reps, self.b), self.masks[reps]), key, len(reps))
+            t = x.expand(reps, self.b)
+            return _Grouped(gate(t, self.masks[reps], in_place=t is not x.t), key, len(reps))
         if n.op == "call_function" and n.target is torch.ops.aten.sym_size.int and n.args[1] == 0:
             return _BATCH
         return super().run_node(n)
