@@ -76,9 +76,6 @@ def _refine(keys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 class GroupedSuffix(torch.fx.Interpreter):
     """Runs a :class:`MaskedModel`'s suffix with each per-example value computed once per group of coalitions."""
 
-    def __init__(self, suffix: torch.fx.GraphModule) -> None:
-        super().__init__(suffix)
-
     @torch.inference_mode()
     def evaluate(self, frontier: tuple[torch.Tensor, ...], lane_rows: torch.Tensor, lanes: torch.Tensor,
                  masks: torch.Tensor) -> torch.Tensor:
