@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from examples.digits import train
 from tests.conftest import save, seeded
 from worker.shapley import MetricSpec, NeuronGame, TMABConfig, load_data, load_model, run_tmab
+from worker.shapley.grouped import GroupedSuffix
 
 WALKS = dict(mode="all", truncation=0.0, min_samples=10**9, lanes=3, coalitions_per_pass=24, max_iterations=6)
 
@@ -33,23 +34,28 @@ def games(saved, fmt: str, ablation: str = "zero") -> tuple[NeuronGame, NeuronGa
 def test_grouped_runs_give_the_plain_runs_values(request, fixture, fmt, ablation):
     grouped, plain = games(request.getfixturevalue(fixture), fmt, ablation)
     assert grouped.describe()["grouped_evaluation"] and not plain.describe()["grouped_evaluation"]
+    assert grouped.describe()["deferred_gates"]
     a, b = (run_tmab(game, TMABConfig(**WALKS, seed=4)) for game in (grouped, plain))
     assert a.evaluations == b.evaluations > 0
     assert torch.allclose(a.values, b.values, atol=1e-6)
     assert torch.allclose(a.upper, b.upper, atol=1e-6)
 
 
-class ConvolutionRows(TorchDispatchMode):
-    """Counts the example rows that go through convolutions."""
+class Rows(TorchDispatchMode):
+    """Counts the example rows that go through some ops."""
 
-    def __init__(self) -> None:
+    def __init__(self, *ops) -> None:
         super().__init__()
-        self.rows = 0
+        self.ops, self.rows = ops, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.conv2d, torch.ops.aten.convolution):
+        if func.overloadpacket in self.ops:
             self.rows += args[0].shape[0]
         return func(*args, **(kwargs or {}))
+
+
+def ConvolutionRows() -> Rows:
+    return Rows(torch.ops.aten.conv2d, torch.ops.aten.convolution)
 
 
 def test_coalitions_that_share_upstream_masks_are_computed_once(digits_cnn):
@@ -69,6 +75,58 @@ def test_coalitions_that_share_upstream_masks_are_computed_once(digits_cnn):
         rows[game] = counter.rows
         assert torch.allclose(values, plain.evaluate(sample, masks, lanes), atol=1e-6)
     assert 0 < rows[grouped] < rows[plain]
+
+
+def test_a_deferred_gate_pools_once_per_upstream_group_and_reaches_the_linear_layer_as_a_product(digits_cnn):
+    """Removing conv2 neurons one by one: deferred, conv2's max-pool runs on one block of rows for the eight
+    coalitions instead of eight, and fc1 once, split by neuron, instead of once per coalition."""
+    game, plain = games(digits_cnn, "pt2")
+    sample = game.sample(torch.Generator().manual_seed(0), 1)
+    first = game.layers[0].size
+    masks = torch.ones(8, game.n_players)
+    for step in range(1, 8):
+        masks[step:, first + step] = 0
+    lanes = torch.zeros(8, dtype=torch.long)
+    expected = plain.model.run(sample.frontier, sample.lane_rows[lanes].reshape(-1), masks)
+    pooled, linear = {}, {}
+    for defer in (True, False):
+        suffix = GroupedSuffix(game.model.suffix, defer=defer)
+        with Rows(torch.ops.aten.max_pool2d_with_indices, torch.ops.aten.max_pool2d) as pool, \
+                Rows(torch.ops.aten.linear, torch.ops.aten.addmm) as dense:
+            got = suffix.evaluate(sample.frontier, sample.lane_rows, lanes, masks)
+        pooled[defer], linear[defer] = pool.rows, dense.rows
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    b = game.batch_size
+    assert pooled[False] == 8 * b and pooled[True] == b + 2  # + the fill and the neuron map
+    # Undeferred, fc1 and fc2 run on eight blocks each; deferred, fc2 still does, but fc1 runs split by neuron
+    # (a bmm, not counted here) and then as products of masks, under one block of rows in all.
+    assert linear[False] == 16 * b and linear[True] < 9 * b
+
+
+class MeanOverNeurons(nn.Module):
+    """Centres the first layer's channels on their mean: a ``mean`` that mixes neurons, which deferring a gate
+    past it would get wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3)
+        self.conv2 = nn.Conv2d(4, 6, 3)
+        self.fc = nn.Linear(6 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x))
+        h = F.relu(self.conv2(h - h.mean(1, keepdim=True)))
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_a_model_that_mixes_neurons_is_evaluated_without_deferring(digits, tmp_path, fmt):
+    x_tr, y_tr, x_te, y_te = digits
+    saved = save(train(seeded(MeanOverNeurons), x_tr, y_tr, epochs=3), x_te[:64], y_te[:64], tmp_path, "mix")
+    grouped, plain = games(saved, fmt)
+    assert grouped.describe()["grouped_evaluation"] and not grouped.describe()["deferred_gates"]
+    a, b = (run_tmab(game, TMABConfig(**WALKS, seed=4)) for game in (grouped, plain))
+    assert torch.allclose(a.values, b.values, atol=1e-6)
 
 
 class ReadsBatchBeforeAGate(nn.Module):

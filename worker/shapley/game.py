@@ -16,7 +16,7 @@ import torch.fx
 
 from .data import EvalData
 from .errors import ModelError, SpecError
-from .grouped import GroupedSuffix, grouping_matches
+from .grouped import grouped_suffix
 from .masking import MaskedModel, build_masked_model, probe, record_sites
 from .metrics import Metric, MetricSpec
 from .players import Layer, find_layers, select_layers
@@ -51,7 +51,8 @@ class NeuronGame:
         cache_prefix: run the part of the model before the first mask once per batch.
         memory_bytes: activation memory one forward pass may use; bounds coalitions per pass.
         grouped: compute a pass's coalitions once per group that shares the masks of every layer so far
-            (:mod:`worker.shapley.grouped`), where the model passes the check that this changes no output.
+            (:mod:`worker.shapley.grouped`), where the model passes the check that this changes no output;
+            a quarter of ``memory_bytes`` bounds one layer's per-neuron contributions there.
     """
 
     def __init__(
@@ -83,7 +84,8 @@ class NeuronGame:
 
         fills = self._mean_fills(model, data) if ablation == "mean" else None
         self.model: MaskedModel = build_masked_model(model, self.layers, example, fills, cache_prefix)
-        self._grouped = GroupedSuffix(self.model.suffix) if grouped and grouping_matches(self.model, example) else None
+        budget = memory_bytes or (1 << 30 if self.device.type == "cpu" else 8 << 30)
+        self._grouped = grouped_suffix(self.model, example, budget // 4) if grouped else None
         self.model.to(self.device)
         self.data = self.metric.restrict(data)
         self._inputs = self.data.inputs.to(self.device)
@@ -92,7 +94,6 @@ class NeuronGame:
         self._strata = self.metric.strata(self.data)
         self.batch_size = min(batch_size, len(self.data))
         self._whole: Sample | None = None
-        budget = memory_bytes or (1 << 30 if self.device.type == "cpu" else 8 << 30)
         self.max_coalitions_per_pass = max(1, budget // (_bytes_per_row(model, example) * self.batch_size))
 
     @property
@@ -122,6 +123,7 @@ class NeuronGame:
             "batch_size": self.batch_size,
             "outputs_are_probabilities": self.metric.outputs_are_probabilities,
             "grouped_evaluation": self._grouped is not None,
+            "deferred_gates": self._grouped is not None and self._grouped.defer,
         }
 
     @torch.inference_mode()

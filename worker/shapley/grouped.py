@@ -20,10 +20,26 @@ to their common refinement. A size read from the batch dimension
 the tensor it reshapes. The output is expanded to one block of rows per
 coalition, so the metric sees exactly what the plain suffix gives.
 
+Deferred gates. Splitting at a gate still leaves one block of rows per
+coalition from there on, and after the last gate that is most of the memory
+traffic (the wide CNN: 1,024 channels × 2×2 × 128 examples per coalition,
+only to be averaged). With 0/1 masks a gate merely chooses, per neuron,
+between the kept value and the fill, so it commutes with any op that treats
+each neuron's features on their own (ReLU, pooling, reshapes): the gate is
+carried past them on the unsplit groups, with the fill and a map of which
+neuron each feature belongs to carried alongside. At a linear layer the
+choice becomes arithmetic: the output is ``bias + Σ_neuron mask ·
+contribution``, so the layer runs once per unsplit group, keeping each
+neuron's contribution apart, and every coalition's output is one matrix
+product of its masks with them, where that costs fewer FLOPs than running the
+layer per split group. Anything else gets the gate applied first.
+
 The interpreter handles ops generically, which a model can defeat (a shape
-read through another route, an op mixing examples). So a model uses it only
-after :func:`grouping_matches` has found it equal to the plain suffix on
-coalitions built to share and split groups at every gate.
+read through another route, an op mixing examples, an op named like a
+per-neuron one that mixes neurons). So a model uses it only after
+:func:`grouped_suffix` has found it equal to the plain suffix on coalitions
+built to share and split groups at every gate, and falls back a step (not
+deferred, then not grouped) where it is not.
 """
 
 from __future__ import annotations
@@ -33,7 +49,7 @@ import torch.fx
 
 from .masking import Gate, MaskedModel
 
-__all__ = ["GroupedSuffix", "grouping_matches"]
+__all__ = ["GroupedSuffix", "grouped_suffix"]
 
 
 class _Batch:
@@ -73,8 +89,57 @@ def _refine(keys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return key, _representatives(key, len(uniq))
 
 
+class _Deferred:
+    """A gate's output not yet split per coalition: kept neurons carry ``x`` (grouped as the gate's input),
+    removed ones the fill in ``aux[0]``; ``aux[1]`` holds, for every feature, the neuron it belongs to.
+    Ops that treat each neuron's features on their own (:data:`_PER_NEURON`) are applied to ``x`` and ``aux``
+    alike, so the gate moves past them onto far fewer rows."""
+
+    __slots__ = ("x", "aux", "gate")
+
+    def __init__(self, x: _Grouped, aux: torch.Tensor, gate: Gate) -> None:
+        self.x, self.aux, self.gate = x, aux, gate
+
+
+# Ops that act on each neuron's features separately, by the name of the function or aten op: with 0/1 masks
+# they commute with choosing, per neuron, between the kept value and the fill. A model that uses such a name
+# otherwise (a mean over neurons, say) fails the check in :func:`grouped_suffix` and is evaluated undeferred.
+_RESHAPES = {"reshape", "view", "flatten", "contiguous", "clone"}
+_PER_NEURON = _RESHAPES | {
+    "relu", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "mean", "amax", "global_pool",
+    "pad_spatial", "dropout", "leaky_relu", "relu6", "elu", "gelu", "silu", "sigmoid", "tanh", "hardtanh",
+    "hardswish", "softplus",
+}
+_SHAPE_READS = {"shape", "size"}  # read off the unsplit rows, which the reshape that uses them will see
+
+
+def _op_name(op) -> str:
+    name = op if isinstance(op, str) else getattr(getattr(op, "overloadpacket", op), "__name__", "")
+    return name.lstrip("_")
+
+
+def _split(key: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups refined by a gate's masks ``m``: (each coalition's new group, a coalition of each)."""
+    both = torch.cat([key.unsqueeze(1).to(m.dtype), m], 1)
+    uniq, new = torch.unique(both, dim=0, return_inverse=True)
+    return new, _representatives(new, len(uniq))
+
+
 class GroupedSuffix(torch.fx.Interpreter):
-    """Runs a :class:`MaskedModel`'s suffix with each per-example value computed once per group of coalitions."""
+    """Runs a :class:`MaskedModel`'s suffix with each per-example value computed once per group of coalitions.
+
+    Args:
+        suffix: the masked model's suffix graph.
+        defer: carry each gate's masks past per-neuron ops, and into the next linear layer as a matrix
+            product where that saves work (the module docstring says why and when).
+        memory_bytes: the most memory one layer's per-neuron contributions may take.
+    """
+
+    def __init__(self, suffix: torch.fx.GraphModule, defer: bool = True, memory_bytes: int = 256 << 20) -> None:
+        super().__init__(suffix)
+        self.defer, self.memory_bytes = defer, memory_bytes
+        self.always_split_linear = False  # the load-time check takes every path it can
 
     @torch.inference_mode()
     def evaluate(self, frontier: tuple[torch.Tensor, ...], lane_rows: torch.Tensor, lanes: torch.Tensor,
@@ -85,7 +150,7 @@ class GroupedSuffix(torch.fx.Interpreter):
         used, key = torch.unique(lanes, return_inverse=True)
         self.lane_rows = lane_rows[used].reshape(-1)
         self.lane_key, self.lane_groups = key, len(used)
-        result = self.run(*frontier, None, masks)
+        result = self._settle(self.run(*frontier, None, masks))
         every = torch.arange(masks.shape[0], device=masks.device)
         return result.expand(every, self.b)
 
@@ -94,18 +159,42 @@ class GroupedSuffix(torch.fx.Interpreter):
             return _Grouped(torch.index_select(self.env[n.args[0]], 0, self.lane_rows), self.lane_key,
                             self.lane_groups)
         if n.op == "call_module" and isinstance(gate := self.module.get_submodule(n.target), Gate):
-            x: _Grouped = self.env[n.args[0]]
-            m = self.masks[:, gate.offset : gate.offset + gate.size]
-            both = torch.cat([x.key.unsqueeze(1).to(m.dtype), m], 1)
-            uniq, key = torch.unique(both, dim=0, return_inverse=True)
-            reps = _representatives(key, len(uniq))
-            t = x.expand(reps, self.b)
-            return _Grouped(gate(t, self.masks[reps], in_place=t is not x.t), key, len(reps))
+            x = self._settle(self.env[n.args[0]])
+            deferred = _Deferred(x, _aux(gate, x.t), gate)
+            return deferred if self.defer else self._settle(deferred)
         if n.op == "call_function" and n.target is torch.ops.aten.sym_size.int and n.args[1] == 0:
             return _BATCH
         return super().run_node(n)
 
-    def _call(self, fn, args, kwargs):
+    def _settle(self, a):
+        """``a`` with a deferred gate applied: one block of rows per group of its refined grouping."""
+        if not isinstance(a, _Deferred):
+            return a
+        gate, x = a.gate, a.x
+        m = self.masks[:, gate.offset : gate.offset + gate.size]
+        key, reps = _split(x.key, m)
+        t = x.expand(reps, self.b)
+        fill, neuron = a.aux[0], a.aux[1].long()
+        keep = m[reps][:, neuron].unsqueeze(1)  # [G, 1, *features]
+        rows = t.reshape(len(reps), self.b, *t.shape[1:])
+        if fill.any():
+            out = torch.where(keep.bool(), rows, fill)
+        else:
+            out = rows.mul_(keep) if t is not x.t else rows * keep
+        return _Grouped(out.reshape(t.shape), key, len(reps))
+
+    def _call(self, op, fn, args, kwargs):
+        if args and isinstance(args[0], _Deferred) and not any(map(_holds_rows, (*args[1:], *kwargs.values()))):
+            name = _op_name(op)
+            if name in _PER_NEURON:
+                return self._past(name, fn, args[0], args[1:], kwargs)
+            if name in _SHAPE_READS:
+                return fn(args[0].x.t, *args[1:], **kwargs)
+            if name == "linear" and (out := self._linear(*args, **kwargs)) is not None:
+                return out
+        args = [self._settle(a) if not isinstance(a, (list, tuple)) else type(a)(self._settle(x) for x in a)
+                for a in args]
+        kwargs = {k: self._settle(v) for k, v in kwargs.items()}
         grouped = [a for a in (*args, *kwargs.values()) if isinstance(a, _Grouped)]
         grouped += [x for a in args if isinstance(a, (list, tuple)) for x in a if isinstance(x, _Grouped)]
         if not grouped:
@@ -136,14 +225,76 @@ class GroupedSuffix(torch.fx.Interpreter):
 
         return type(result)(wrap(r) for r in result) if isinstance(result, (list, tuple)) else wrap(result)
 
+    def _past(self, name: str, fn, d: _Deferred, rest: tuple, kwargs: dict) -> _Deferred:
+        """A per-neuron op applied before the deferred gate: to the input's groups, and to the fill and the
+        neuron map (a reshape by the values' new shape: its arguments may hold the rows' count)."""
+        t = fn(d.x.t, *[_resolve_batch(d.x.t, a) for a in rest], **kwargs)
+        if name in _RESHAPES:
+            aux = d.aux.reshape(2, *t.shape[1:])
+        else:
+            aux = fn(d.aux, *[_resolve_batch(d.aux, a) for a in rest], **kwargs)
+        if aux.shape != (2, *t.shape[1:]) or t.shape[0] != d.x.t.shape[0]:
+            raise ValueError(f"{name} moves values between examples")  # grouped_suffix falls back
+        return _Deferred(_Grouped(t, d.x.key, d.x.groups), aux, d.gate)
+
+    def _linear(self, d: _Deferred, weight: torch.Tensor, bias: torch.Tensor | None = None) -> _Grouped | None:
+        """A linear layer right after a deferred gate, as ``bias + Σ_neuron mask · contribution``: the layer
+        runs once per group of its input, split by the gate's neuron, and each refined group's output is one
+        matrix product of its masks with those contributions. ``None`` where that does not pay (or the
+        layer's input is not laid out neuron by neuron): the caller applies the gate and runs the layer."""
+        x, fill, neuron, n = d.x.t, d.aux[0], d.aux[1], d.gate.size
+        if x.ndim != 2 or x.shape[1] % n or not torch.equal(
+                neuron, torch.arange(n, device=x.device, dtype=x.dtype).repeat_interleave(x.shape[1] // n)):
+            return None
+        m = self.masks[:, d.gate.offset : d.gate.offset + n]
+        key, reps = _split(d.x.key, m)
+        outputs = weight.shape[0]
+        # Per example: the layer costs 2·weight FLOPs a group; mixing, 2·n·outputs a refined group.
+        pays = d.x.groups * weight.numel() + len(reps) * n * outputs < len(reps) * weight.numel()
+        if x.shape[0] * n * outputs * x.element_size() > self.memory_bytes or not (pays or self.always_split_linear):
+            return None
+        w = weight.reshape(outputs, n, -1).permute(1, 2, 0)  # [neuron, its features, outputs]
+
+        def per_neuron(v: torch.Tensor) -> torch.Tensor:  # [neuron, rows of v, outputs]
+            return torch.bmm(v.reshape(v.shape[0], n, -1).transpose(0, 1), w)
+
+        parts = per_neuron(x)
+        if fill.any():
+            parts -= per_neuron(fill.unsqueeze(0))
+        parts = parts.reshape(n, d.x.groups, self.b * outputs)
+        keep, source = m[reps], d.x.key[reps]
+        out = torch.empty(len(reps), self.b * outputs, dtype=x.dtype, device=x.device)
+        for g in torch.unique(source).tolist():
+            mine = torch.nonzero(source == g).squeeze(1)
+            out[mine] = keep[mine] @ parts[:, g]
+        out = out.reshape(len(reps) * self.b, outputs)
+        out += torch.nn.functional.linear(fill.unsqueeze(0), weight, bias)
+        return _Grouped(out, key, len(reps))
+
     def call_function(self, target, args, kwargs):
-        return self._call(target, args, kwargs)
+        return self._call(target, target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
-        return self._call(lambda s, *a, **k: getattr(s, target)(*a, **k), args, kwargs)
+        return self._call(target, lambda s, *a, **k: getattr(s, target)(*a, **k), args, kwargs)
 
     def call_module(self, target, args, kwargs):
-        return self._call(self.fetch_attr(target), args, kwargs)
+        return self._call(None, self.fetch_attr(target), args, kwargs)
+
+
+def _holds_rows(a) -> bool:
+    if isinstance(a, (list, tuple)):
+        return any(map(_holds_rows, a))
+    return isinstance(a, (_Grouped, _Deferred))
+
+
+def _aux(gate: Gate, x: torch.Tensor) -> torch.Tensor:
+    """``[2, *features]``: the fill a removed neuron takes, and each feature's neuron (as a float, so that
+    pooling and reshapes can carry it along)."""
+    shape = [1] * (x.ndim - 1)
+    shape[gate.channel_dim % x.ndim - 1] = gate.size
+    neuron = torch.arange(gate.size, dtype=x.dtype, device=x.device).reshape(shape).expand(x.shape[1:])
+    fill = torch.zeros_like(neuron) if gate.fill is None else gate.fill.reshape(shape).expand(x.shape[1:])
+    return torch.stack([fill, neuron])
 
 
 def _resolve_batch(t: torch.Tensor, a):
@@ -154,9 +305,13 @@ def _resolve_batch(t: torch.Tensor, a):
     return a
 
 
-def grouping_matches(model: MaskedModel, example: torch.Tensor) -> bool:
-    """Whether grouped evaluation gives the plain suffix's outputs on ``example`` for coalitions that share
-    masks in some layers and not in others, across two batches: the check a model passes before it is used."""
+def grouped_suffix(model: MaskedModel, example: torch.Tensor, memory_bytes: int = 256 << 20) -> GroupedSuffix | None:
+    """The fastest grouped evaluation that gives the plain suffix's outputs on ``example``, or ``None``.
+
+    The check runs coalitions that share masks in some layers and not in others, across two batches, with
+    deferred gates split into linear layers wherever possible and only where it pays, then without
+    deferring; a model the interpreter cannot follow falls back a step, never to wrong values.
+    """
     n, generator = model.n_players, torch.Generator().manual_seed(0)
     b = min(4, example.shape[0])
     x = example[torch.arange(2 * b) % example.shape[0]]
@@ -172,9 +327,18 @@ def grouping_matches(model: MaskedModel, example: torch.Tensor) -> bool:
     with torch.inference_mode():
         frontier = model.prefix(x)
         expected = model.run(frontier, lane_rows[lanes].reshape(-1), masks)
-        try:
-            got = GroupedSuffix(model.suffix).evaluate(frontier, lane_rows, lanes, masks)
-        except Exception:  # an op the interpreter cannot follow: the plain suffix it is
-            return False
-    return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
 
+    def matches(suffix: GroupedSuffix) -> bool:
+        try:
+            got = suffix.evaluate(frontier, lane_rows, lanes, masks)
+        except Exception:  # an op the interpreter cannot follow
+            return False
+        return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+    deferred, undeferred = GroupedSuffix(model.suffix, True, memory_bytes), GroupedSuffix(model.suffix, False)
+    deferred.always_split_linear = True
+    if matches(deferred):
+        deferred.always_split_linear = False
+        if matches(deferred):
+            return deferred
+    return undeferred if matches(undeferred) else None

@@ -49,9 +49,7 @@ class Gate(nn.Module):
         self.offset, self.size, self.channel_dim = layer.offset, layer.size, layer.channel_dim
         self.register_buffer("fill", fill)
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-        """``in_place``: ``x`` is a scratch tensor of the caller's; writing into it spares allocating (and, on a
-        CPU, page-faulting in) another activation-sized tensor."""
+    def forward(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         m = masks[:, self.offset : self.offset + self.size]
         coalitions = masks.shape[0]
         xr = x.reshape(coalitions, -1, *x.shape[1:])
@@ -59,10 +57,10 @@ class Gate(nn.Module):
         shape[self.channel_dim % x.ndim + 1] = self.size
         m = m.reshape(coalitions, *shape[1:])
         if self.fill is None:
-            out = xr.mul_(m) if in_place else xr * m
+            out = xr * m
         else:
             fill = self.fill.reshape(shape)
-            out = (xr.sub_(fill).mul_(m).add_(fill)) if in_place else fill + (xr - fill) * m
+            out = fill + (xr - fill) * m
         return out.reshape(x.shape)
 
 
