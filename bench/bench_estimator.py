@@ -81,6 +81,7 @@ Choices for the full run (and why)
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import platform
@@ -101,6 +102,7 @@ TOL = 0.005  # a returned neuron is acceptable if within TOL of the reference's 
 OFF = 10**9  # min_samples larger than any run: the bandit never decides a player
 
 SEED_REF, SEED_PLAIN, SEED_TMAB, SEED_CAPTUM, SEED_THROUGHPUT = 1000, 1, 2, 3, 5
+DEFAULT_BATCH = inspect.signature(NeuronGame).parameters["batch_size"].default  # the library's, whatever it is
 
 
 @dataclass(frozen=True)
@@ -499,7 +501,7 @@ def plain_run(model: Model, ref: torch.Tensor, scale: Scale) -> RunResult:
                      est.elapsed_s, stop, is_correct(est.values, ref), est.values)
 
 
-def tmab_run(model: Model, ref: torch.Tensor, cap_s: float, seed: int = SEED_TMAB, batch_size: int | None = 128,
+def tmab_run(model: Model, ref: torch.Tensor, cap_s: float, seed: int = SEED_TMAB, batch_size: int | None = DEFAULT_BATCH,
              confirm: int | None = None, **changes) -> RunResult:
     game = model.game(batch_size)
     cfg = replace(TMABConfig(mode="top", top_k=K), seed=seed, max_seconds=cap_s, **changes)
@@ -741,11 +743,12 @@ def flops(model: Model, runs: dict, peak: float) -> None:
 def sweep(model: Model, ref: torch.Tensor, scale: Scale, defaults_run: RunResult) -> None:
     cap = scale.sweep_seconds
     base = TMABConfig()
-    variants: list[tuple[str, dict, int | None]] = [("defaults", {}, 128)]
-    variants += [(f"bound={b}", {"bound": b}, 128) for b in ("normal", "bernstein", "bernstein_observed") if b != base.bound]
-    variants += [(f"truncation={t}", {"truncation": t}, 128) for t in (0.0, 0.05, 0.1, 0.2) if t != base.truncation]
-    variants += [(f"batch_size={b or 'all'}", {}, b) for b in (64, 128, None) if b != 128]
-    variants += [(f"lanes={l}", {"lanes": l}, 128) for l in (1, 4, 8) if l != base.lanes]
+    batch = DEFAULT_BATCH
+    variants: list[tuple[str, dict, int | None]] = [("defaults", {}, batch)]
+    variants += [(f"bound={b}", {"bound": b}, batch) for b in ("normal", "bernstein", "bernstein_observed") if b != base.bound]
+    variants += [(f"truncation={t}", {"truncation": t}, batch) for t in (0.0, 0.05, 0.1, 0.2) if t != base.truncation]
+    variants += [(f"batch_size={b or 'all'}", {}, b) for b in (64, 128, None) if b != batch]
+    variants += [(f"lanes={l}", {"lanes": l}, batch) for l in (1, 4, 8) if l != base.lanes]
 
     def both(values: list[object]) -> str:
         return " / ".join(_fmt(v) for v in values)

@@ -103,15 +103,19 @@ def test_a_deferred_gate_pools_once_per_upstream_group_and_reaches_the_linear_la
     assert linear[False] == 16 * b and linear[True] < 9 * b
 
 
-class MeanOverNeurons(nn.Module):
-    """Centres the first layer's channels on their mean: a ``mean`` that mixes neurons, which deferring a gate
-    past it would get wrong."""
+class TwoConvs(nn.Module):
+    """Two small convolutions and a linear head, for models whose forward defeats one evaluation path."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 4, 3)
         self.conv2 = nn.Conv2d(4, 6, 3)
         self.fc = nn.Linear(6 * 4 * 4, 10)
+
+
+class MeanOverNeurons(TwoConvs):
+    """Centres the first layer's channels on their mean: a ``mean`` that mixes neurons, which deferring a gate
+    past it would get wrong."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.conv1(x))
@@ -129,15 +133,9 @@ def test_a_model_that_mixes_neurons_is_evaluated_without_deferring(digits, tmp_p
     assert torch.allclose(a.values, b.values, atol=1e-6)
 
 
-class ReadsBatchBeforeAGate(nn.Module):
+class ReadsBatchBeforeAGate(TwoConvs):
     """Reshapes the second layer's output with a batch size read from the first's: in ONNX a Shape op whose
     value the grouping cannot track (the two layers' tensors hold different numbers of groups)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3)
-        self.conv2 = nn.Conv2d(4, 6, 3)
-        self.fc = nn.Linear(6 * 4 * 4, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.conv1(x))
