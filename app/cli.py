@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--max-seconds", type=float)
     tuning.add_argument("--max-iterations", type=int)
     tuning.add_argument("--max-evaluations", type=int)
-    est.add_argument("--batch-size", type=int, default=128, help="examples per evaluation batch (default 128)")
+    est.add_argument("--batch-size", type=int, default=64, help="examples per evaluation batch (default 64)")
     est.add_argument("--device", help="cpu, cuda, cuda:1 … (default: the GPU if there is one)")
     est.add_argument("--limit", type=int, default=20, help="neurons to print as text (--json prints all)")
     est.add_argument("--json", action="store_true", help="print the ranked neurons as a JSON list (API.md's shape)")

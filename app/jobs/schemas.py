@@ -56,7 +56,7 @@ class EstimatorSpec(_Strict):
     bound: Bound = "normal"
     truncation: float = Field(0.1, ge=0, lt=1)
     patience: int = Field(5, ge=1)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(64, ge=1)
     seed: int = 0
     max_iterations: int | None = Field(None, ge=1)
     max_evaluations: int | None = Field(None, ge=1)

@@ -62,7 +62,7 @@ class NeuronGame:
         metric: MetricSpec,
         layers: list[str] | None = None,
         ablation: str = "zero",
-        batch_size: int = 128,
+        batch_size: int = 64,
         device: str | torch.device | None = None,
         cache_prefix: bool = True,
         memory_bytes: int | None = None,
