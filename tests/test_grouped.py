@@ -54,10 +54,6 @@ class Rows(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def ConvolutionRows() -> Rows:
-    return Rows(torch.ops.aten.conv2d, torch.ops.aten.convolution)
-
-
 def test_coalitions_that_share_upstream_masks_are_computed_once(digits_cnn):
     """The saving is real: along a walk that removes later-layer neurons, the later convolutions run on fewer
     rows than one block per coalition, with the same values."""
@@ -70,7 +66,7 @@ def test_coalitions_that_share_upstream_masks_are_computed_once(digits_cnn):
     lanes = torch.zeros(8, dtype=torch.long)
     rows = {}
     for game in (grouped, plain):
-        with ConvolutionRows() as counter:
+        with Rows(torch.ops.aten.conv2d, torch.ops.aten.convolution) as counter:
             values = game.evaluate(sample, masks, lanes)
         rows[game] = counter.rows
         assert torch.allclose(values, plain.evaluate(sample, masks, lanes), atol=1e-6)

@@ -32,7 +32,7 @@ from sqlalchemy import and_, case, delete, func, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.blobs import BlobStore
-from app.core.bus import Bus, announce
+from app.core.bus import Bus, announce, announce_end
 from app.core.config import Settings
 from app.core.db import UNAVAILABLE, session_factory
 from app.jobs.models import Job, JobAblation, JobCheckpoint, JobNeuron
@@ -348,9 +348,7 @@ def _finish(lease: _Lease, bus: Bus, state: str, neurons: list[dict], summary: d
             session.merge(JobAblation(job_id=job_id, curve=curve))
         session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
         session.commit()
-    announce(bus, job_id, "state", {"state": state})
-    announce(bus, job_id, "done", {"state": state})
-    _ended(bus, job_id)
+    announce_end(bus, job_id, {"state": state})
     log.info("job %s: %s", job_id, state)
     return state
 
@@ -364,9 +362,7 @@ def _fail(lease: _Lease, bus: Bus, kind: str, title: str, detail: str) -> str | 
             return None
         session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
         session.commit()
-    announce(bus, job_id, "state", {"state": "failed", "error": error})
-    announce(bus, job_id, "done", {"state": "failed"})
-    _ended(bus, job_id)
+    announce_end(bus, job_id, {"state": "failed", "error": error})
     log.info("job %s: failed: %s", job_id, detail)
     return "failed"
 
@@ -390,11 +386,3 @@ def _requeue(lease: _Lease, bus: Bus, reporter: _Reporter) -> str | None:
 def _unless_cancelling(state: str):
     """The new state of a job that moves to ``state``, unless it is being cancelled: cancellation is never undone."""
     return case((Job.state == "cancelling", Job.state), else_=state)
-
-
-def _ended(bus: Bus, job_id: str) -> None:
-    try:
-        bus.ended(job_id)
-    except Exception as exc:
-        log.warning("job %s: live state not dropped: %s", job_id, exc)
-

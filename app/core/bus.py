@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from .config import Settings
@@ -158,13 +159,25 @@ class RedisBus:
         self._redis.ping()
 
 
-def announce(bus: Bus, job_id: str, kind: str, data: dict) -> None:
-    """Publish an event if the bus answers. Events are a convenience for followers; the database record is the
-    truth, so a bus that is down must not fail (or undo) the change the event announces."""
+def best_effort(job_id: str, what: str, call: Callable[[], object]) -> None:
+    """Do ``call`` on the bus if it answers. Live state and events are a convenience for followers; the database
+    record is the truth, so a bus that is down must not fail (or undo) the change it would have shown."""
     try:
-        bus.publish(job_id, kind, data)
+        call()
     except Exception as exc:
-        log.warning("job %s: event %s not published: %s", job_id, kind, exc)
+        log.warning("job %s: %s failed: %s", job_id, what, exc)
+
+
+def announce(bus: Bus, job_id: str, kind: str, data: dict) -> None:
+    """Publish an event if the bus answers (:func:`best_effort`)."""
+    best_effort(job_id, f"publishing event {kind}", lambda: bus.publish(job_id, kind, data))
+
+
+def announce_end(bus: Bus, job_id: str, state: dict) -> None:
+    """A job's last events (its state, then ``done``), and its live snapshot dropped, if the bus answers."""
+    announce(bus, job_id, "state", state)
+    announce(bus, job_id, "done", {"state": state["state"]})
+    best_effort(job_id, "dropping the live state", lambda: bus.ended(job_id))
 
 
 def make_bus(settings: Settings) -> Bus:

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core import cursors
 from app.core.blobs import CHUNK, BlobStore, BlobTooLarge
-from app.core.bus import Bus, announce, valid_event_id
+from app.core.bus import Bus, announce, best_effort, valid_event_id
 from app.core.config import Settings
 from app.core.db import UNAVAILABLE, session_factory
 from app.core.problems import Problem, field_path, not_found
@@ -319,10 +319,7 @@ def delete_job(session: Session, store: BlobStore, bus: Bus, tenant: str, job_id
     session.commit()
     for digest in blobs:
         _forget_blob(session, store, digest)
-    try:
-        bus.clear(job_id)
-    except Exception as exc:  # the job is gone; its live keys expire on their own
-        log.warning("live state of deleted job %s not cleared: %s", job_id, exc)
+    best_effort(job_id, "clearing the deleted job's live state", lambda: bus.clear(job_id))  # else it expires
 
 
 # --- events ---------------------------------------------------------------------------------------------------
