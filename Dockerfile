@@ -46,6 +46,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app/ app/
 COPY worker/ worker/
+COPY neuronshap/ neuronshap/
 COPY examples/ examples/
 COPY migrations/ migrations/
 RUN pip install --no-cache-dir .

@@ -1,9 +1,10 @@
-"""The FastAPI application: ``uvicorn app.main:app`` or ``neuronshap serve``.
+"""The FastAPI application.
 
 :func:`create_app` wires one :class:`Settings` to its adapters: the blob
 store, the bus (Redis or memory) and the queue (Celery or a thread). Nothing
-here imports torch; in the embedded default the estimator is imported by the
-job thread when the first job runs.
+in ``app`` imports the worker or torch: the embedded queue runs jobs with the
+``run_job`` it is given, which ``neuronshap.server`` (``neuronshap serve``)
+wires to the worker's runner.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from app.core.bus import make_bus
 from app.core.config import Settings, get_settings
 from app.core.db import migrate
 from app.core.limits import BodyLimit
-from app.core.queue import ThreadQueue, make_queue
+from app.core.queue import RunJob, ThreadQueue, make_queue
 from app.jobs import routes as jobs_routes
 from app.jobs.recovery import requeue_unfinished
 from app.ops import routes as ops_routes
@@ -29,7 +30,8 @@ from app.ops.service import measure
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, run_job: RunJob | None = None) -> FastAPI:
+    """The app for ``settings``; ``run_job`` runs jobs when there is no broker (the embedded queue)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -37,10 +39,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.migrate_on_start:
             migrate(settings.resolved_database_url)
         bus = make_bus(settings)
-        queue = make_queue(settings, bus)
+        queue = make_queue(settings, bus, run_job)
         app.state.bus, app.state.queue = bus, queue
         if isinstance(queue, ThreadQueue):  # the embedded queue lives in this process: resume what it left
-            requeue_unfinished(settings, queue)
+            requeue_unfinished(settings, queue, bus)
         yield
         if isinstance(queue, ThreadQueue):
             queue.shutdown()
@@ -60,7 +62,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops_routes.router)
     return app
 
-
-def app() -> FastAPI:
-    """Factory for ``uvicorn --factory app.main:app``: settings are read when the server starts, not on import."""
-    return create_app()

@@ -62,7 +62,7 @@ import httpx
 import numpy as np
 import redis
 
-from app.client import Client
+from neuronshap.client import Client
 from app.core.config import Settings
 from app.core.db import migrate
 from bench.bench_estimator import machine_lines, out, section, table

@@ -16,7 +16,7 @@ database 10 as broker and bus, two ``neuronshap worker`` processes), and:
 
 * N clients, spread over 4 tenants (API keys required), each submit their
   share of the jobs at once and then poll each job until it ends, as an MLOps
-  pipeline would (``app.client.Client``, 1 s between polls);
+  pipeline would (``neuronshap.client.Client``, 1 s between polls);
 * the jobs are a mix, by index: most are plain small jobs (they must succeed);
   one in ten is submitted twice with the same ``Idempotency-Key`` (the same
   job must come back); one in ten is cancelled right after submitting, one in
@@ -68,7 +68,7 @@ import httpx
 import redis
 from sqlalchemy import func, select
 
-from app.client import Client, ServiceError
+from neuronshap.client import Client, ServiceError
 from app.core.config import Settings
 from app.core.db import migrate, session_factory
 from app.jobs.models import Job, JobAblation, JobCheckpoint, JobNeuron

@@ -65,7 +65,7 @@ from app.core.blobs import BlobStore
 from app.core.bus import RedisBus
 from app.core.config import Settings
 from app.core.db import get_engine, migrate, session_factory
-from app.core.deps import DEFAULT_TENANT
+from app.keys.deps import DEFAULT_TENANT
 from app.jobs.models import Job, JobCheckpoint
 from app.jobs.schemas import JobSpec, Progress
 from bench.bench_estimator import machine_lines, out, section, table

@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.core.db import migrate
 from app.main import create_app
+from neuronshap.server import create_server_app
 from tests.conftest import REDIS, postgres_schema
 
 REDIS_DB = 13  # tests own this Redis database and empty it
@@ -55,7 +56,7 @@ class Stack:
 @contextlib.contextmanager
 def embedded(tmp: Path, **overrides) -> Iterator[Stack]:
     settings = Settings(data_dir=tmp, **(FAST | overrides))
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_server_app(settings)) as client:
         yield Stack("embedded", settings, client)
 
 
@@ -86,7 +87,7 @@ def worker_process(settings: Settings, log: Path) -> Iterator[subprocess.Popen]:
     """``neuronshap worker`` in its own process; returns once Celery says it is ready."""
     env = os.environ | settings_env(settings) | {"PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], cwd=ROOT, env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "neuronshap", "worker"], cwd=ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 90
@@ -111,7 +112,7 @@ def api_process(env: dict[str, str], log: Path) -> Iterator[tuple[str, subproces
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "neuronshap", "serve", "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=ROOT, env=os.environ | {"PYTHONUNBUFFERED": "1"} | env, stdout=out,
                                 stderr=subprocess.STDOUT)
     try:

@@ -10,7 +10,7 @@ API_NEURON_KEYS = ["rank", "layer", "index", "value", "lower", "upper", "samples
 
 
 def neuronshap(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "neuronshap", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 def test_estimate_prints_ranked_neurons_as_json(tiny_cnn):

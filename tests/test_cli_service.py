@@ -30,7 +30,7 @@ def serve(data_dir: Path, **env: str) -> Iterator[str]:
 
 
 def neuronshap(*args: str, url: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args, "--url", url], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "neuronshap", *args, "--url", url], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -22,7 +22,7 @@ from tests.test_cli_service import serve
 def test_fuzzing_the_schema_finds_no_server_error_and_no_schema_violation(tmp_path):
     env = {"NEURONSHAP_REQUIRE_API_KEYS": "true", "NEURONSHAP_MAX_MODEL_BYTES": "65536",
            "NEURONSHAP_MAX_DATA_BYTES": "65536"}
-    key = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "fuzz"], cwd=ROOT,
+    key = subprocess.run([sys.executable, "-m", "neuronshap", "keys", "create", "--tenant", "fuzz"], cwd=ROOT,
                          env=os.environ | env | {"NEURONSHAP_DATA_DIR": str(tmp_path)}, capture_output=True, text=True,
                          check=True).stdout.strip()
     with serve(tmp_path, **env) as url:

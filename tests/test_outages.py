@@ -23,7 +23,7 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 
-from app.client import Client
+from neuronshap.client import Client
 from app.core.config import Settings
 from app.core.db import migrate
 from app.jobs.models import JobNeuron

@@ -68,7 +68,7 @@ def checkpoint_iterations(settings: Settings, job_id: str) -> int | None:
 def test_a_job_whose_worker_is_killed_resumes_on_another_and_ends_as_if_uninterrupted(cluster, tiny_cnn, tmp_path):
     env = stacks.settings_env(cluster.settings)
     log = open(tmp_path / "worker-a.log", "wb")
-    first = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--name", "a"], cwd=stacks.ROOT,
+    first = subprocess.Popen([sys.executable, "-m", "neuronshap", "worker", "--name", "a"], cwd=stacks.ROOT,
                              env=os.environ | env, stdout=log, stderr=subprocess.STDOUT)
     try:
         job = post(cluster, tiny_cnn, SPEC)
@@ -126,9 +126,9 @@ def test_the_reconciler_sends_again_only_jobs_whose_message_is_not_in_the_queue(
     with session_factory(cluster.settings.resolved_database_url)() as session:
         session.execute(update(Job).values(enqueued_at=long_ago))
         session.commit()
-    assert reconcile(cluster.settings, queue) == [lost]
+    assert reconcile(cluster.settings, queue, MemoryBus()) == [lost]
     assert queue.waiting() == {*waiting, lost}
-    assert reconcile(cluster.settings, queue) == []  # sent once, not again at every round
+    assert reconcile(cluster.settings, queue, MemoryBus()) == []  # sent once, not again at every round
 
 
 def _message_of(broker_url: str, job_id: str) -> bytes:
@@ -167,7 +167,7 @@ def test_cancelling_a_job_with_partial_estimates_keeps_them_whatever_became_of_i
             lease_expires_at=datetime.now(UTC) - timedelta(seconds=1)))
         session.commit()
     redis.Redis.from_url(settings.broker_url).delete("jobs")  # their messages went with the dead worker
-    sent = reconcile(settings, CeleryQueue(settings.broker_url))
+    sent = reconcile(settings, CeleryQueue(settings.broker_url), MemoryBus())
     assert abandoned in sent and bare not in sent
     assert cluster.client.get(f"/v1/jobs/{bare}").json()["state"] == "cancelled"
 

@@ -1,11 +1,13 @@
 """Runs one job: the bridge between the database record, the estimator library and the live bus.
 
-The runner claims a queued job with a lease (a conditional update, so two
-deliveries of the same job never both run it; see :class:`_Lease`), builds the game from the job's uploads,
+The runner claims a queued job with a lease (:func:`app.jobs.lifecycle.claim`:
+a conditional update, so two deliveries of the same job never both run it),
+keeps the lease renewed from a thread, builds the game from the job's uploads,
 runs TMAB-Shapley from the job's last checkpoint if it has one, and on the
 way publishes live estimates (throttled), saves checkpoints (throttled) and
-watches for a cancel request. The result — neurons, summary, ablation curve
-and final state — is written in one transaction, so it is whole or absent.
+watches for a cancel request. Every change of the job's state goes through
+:mod:`app.jobs.lifecycle`; the result (neurons, summary, ablation curve and
+final state) is written in one transaction, so it is whole or absent.
 
 Errors in the user's input (a layer glob that matches nothing, data the model
 rejects) fail the job with the library's message; anything else fails it
@@ -23,19 +25,21 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TypeVar
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
-from sqlalchemy import and_, case, delete, func, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.blobs import BlobStore
-from app.core.bus import Bus, announce, announce_end
+from app.core.bus import Bus
+from app.core.clock import now
 from app.core.config import Settings
 from app.core.db import UNAVAILABLE, session_factory
-from app.jobs.models import Job, JobAblation, JobCheckpoint, JobNeuron
+from app.jobs import lifecycle
+from app.jobs.lifecycle import Lease
+from app.jobs.models import Job, JobCheckpoint
+from app.jobs.states import JobState
 from worker.shapley import (
     MetricSpec, NeuronGame, Progress, TMABConfig, UserInputError, ablation_curve, load_data, load_model,
     ranked_neurons, run_summary, run_tmab,
@@ -50,28 +54,24 @@ TMAB_FIELDS = ("mode", "top_k", "delta", "epsilon", "half_width", "bound", "trun
                "max_iterations", "max_evaluations", "max_seconds")
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
 def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[], bool] | None = None) -> str | None:
+def run_job(job_id: str, settings: Settings, bus: Bus,
+            should_exit: Callable[[], bool] | None = None) -> JobState | None:
     """Run a job to its end; returns its new state, or None when it was not (or stopped being) ours to run.
 
     ``should_exit`` is the worker shutting down: the job stops at the next
     pass, saves a checkpoint and goes back to ``queued`` (or stays ``cancelling``) for the next worker.
     """
     db = session_factory(settings.resolved_database_url)
-    lease = _Lease(db, job_id, worker_identity(), settings.lease_s)
+    lease = _Keeper(db, Lease(job_id, worker_identity(), settings.lease_s))
     patient = _Patience(job_id, settings.db_outage_s)
-    job = patient(lease.claim)
+    job = patient(lambda: _in(db, lambda session: lifecycle.claim(session, bus, lease.lease)))
     if job is None:
         log.info("job %s: not claimable (finished, cancelled, deleted or leased by another worker); skipped", job_id)
         return None
-    announce(bus, job_id, "state", {"state": job.state})
     reporter = _Reporter(job_id, settings, bus, db, lease, should_exit or (lambda: False))
     with lease.kept():
         try:
@@ -85,30 +85,41 @@ def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[],
         except UNAVAILABLE:
             raise  # an outage longer than our patience: the lease expires and a reconciler sends the job again
         except UserInputError as exc:
-            error = (ERROR_TYPES.get(type(exc), "invalid-input"), "The job's input was rejected", str(exc))
-            return patient(lambda: _fail(lease, bus, *error))
+            error = {"type": ERROR_TYPES.get(type(exc), "invalid-input"), "title": "The job's input was rejected",
+                     "detail": str(exc)}
+            return patient(lambda: _in(db, lambda session: lifecycle.fail(session, bus, lease.lease, error)))
         except Exception as exc:
             log.exception("job %s: error in the worker", job_id)
-            error = ("internal", "The worker failed",
-                     f"The worker failed on this job ({type(exc).__name__}); the operator has the details in its log.")
-            return patient(lambda: _fail(lease, bus, *error))
+            error = {"type": "internal", "title": "The worker failed",
+                     "detail": f"The worker failed on this job ({type(exc).__name__}); the operator has the details "
+                               "in its log."}
+            return patient(lambda: _in(db, lambda session: lifecycle.fail(session, bus, lease.lease, error)))
 
         if lease.lost:
             log.warning("job %s: lease lost to another worker; this copy stops without writing", job_id)
             return None
         if estimate.stop_reason == "stopped" and reporter.exiting:
-            return patient(lambda: _requeue(lease, bus, reporter))
+            reporter.save_checkpoint()  # the worker is shutting down: keep the work done so far, hand the job back
+            return patient(lambda: _in(db, lambda session: lifecycle.hand_back(session, bus, lease.lease)))
         neurons = ranked_neurons(game, estimate)
         summary = run_summary(game, estimate) | {
             "publish_s": reporter.publish_s, "checkpoints": reporter.checkpoints,
             "resumed_from_iteration": checkpoint.iterations if checkpoint is not None else None,
         }
-        if estimate.stop_reason == "stopped":
-            return patient(lambda: _finish(lease, bus, "cancelled", neurons, summary,
-                                           reporter.progress_dict(estimate), None))
-        curve = ablation_curve(game, estimate.values, k=settings.ablation_k, seed=config.seed)
-        return patient(lambda: _finish(lease, bus, "succeeded", neurons, summary,
-                                       reporter.progress_dict(estimate), curve))
+        progress = reporter.progress_dict(estimate)
+        if estimate.stop_reason == "stopped":  # a cancel request: the partial estimates are the result
+            outcome, curve = JobState.CANCELLED, None
+        else:
+            outcome, curve = JobState.SUCCEEDED, ablation_curve(game, estimate.values, k=settings.ablation_k,
+                                                                seed=config.seed)
+        return patient(lambda: _in(db, lambda session: lifecycle.finish(
+            session, bus, lease.lease, outcome, neurons, summary, progress, curve)))
+
+
+def _in(db: sessionmaker[Session], step: Callable[[Session], T]) -> T:
+    """One lifecycle step on a session of its own."""
+    with db() as session:
+        return step(session)
 
 
 @dataclass
@@ -145,41 +156,22 @@ def _checkpoint(db: sessionmaker[Session], job_id: str) -> JobCheckpoint | None:
         return session.get(JobCheckpoint, job_id)
 
 
-class _Lease:
-    """This worker's hold on a job: claimed with a conditional update, renewed by a thread, checked on every write.
+class _Keeper:
+    """Keeps this worker's lease on a job: renewed from a thread while the job runs.
 
     Another worker can claim the job only once the lease has expired (its
     holder is dead or cut off); the holder then finds the lease gone at its
     next renewal, stops, and writes nothing more.
     """
 
-    def __init__(self, db: sessionmaker[Session], job_id: str, owner: str, seconds: float) -> None:
-        self.db, self.job_id, self.owner, self.seconds = db, job_id, owner, seconds
+    def __init__(self, db: sessionmaker[Session], lease: Lease) -> None:
+        self.db, self.lease = db, lease
         self.lost = False
         self._stop = threading.Event()
 
-    def _expiry(self) -> datetime:
-        return now() + timedelta(seconds=self.seconds)
-
-    def claim(self) -> Job | None:
-        t = now()
-        with self.db() as session:
-            unleased = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < t)
-            claimable = or_(Job.state == "queued", and_(Job.state.in_(("running", "cancelling")), unleased))
-            # A cancelling job stays cancelling: its worker stores the partial estimates and ends it.
-            claimed = session.execute(update(Job).where(Job.id == self.job_id, claimable).values(
-                state=_unless_cancelling("running"), started_at=func.coalesce(Job.started_at, t),
-                lease_owner=self.owner, lease_expires_at=self._expiry())).rowcount
-            session.commit()
-            return session.get(Job, self.job_id) if claimed else None
-
-    def mine(self):
-        """The condition that guards every write: the job is still leased to this worker."""
-        return and_(Job.id == self.job_id, Job.lease_owner == self.owner)
-
     @contextlib.contextmanager
     def kept(self) -> Iterator[None]:
-        thread = threading.Thread(target=self._renew, name=f"lease-{self.job_id}", daemon=True)
+        thread = threading.Thread(target=self._renew, name=f"lease-{self.lease.job_id}", daemon=True)
         thread.start()
         try:
             yield
@@ -188,14 +180,11 @@ class _Lease:
             thread.join()
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.seconds / 3):
+        while not self._stop.wait(self.lease.seconds / 3):
             try:
-                with self.db() as session:
-                    renewed = session.execute(update(Job).where(self.mine(), Job.state.in_(("running", "cancelling")))
-                                              .values(lease_expires_at=self._expiry())).rowcount
-                    session.commit()
+                renewed = _in(self.db, lambda session: lifecycle.renew(session, self.lease))
             except Exception as exc:  # the database is away: try again; the lease covers a few misses
-                log.warning("job %s: lease not renewed: %s", self.job_id, exc)
+                log.warning("job %s: lease not renewed: %s", self.lease.job_id, exc)
                 continue
             if not renewed:
                 self.lost = True
@@ -234,7 +223,7 @@ class _Reporter:
     settings: Settings
     bus: Bus
     db: sessionmaker[Session]
-    lease: _Lease
+    lease: _Keeper
     should_exit: Callable[[], bool]
     game: NeuronGame | None = None
     config: TMABConfig | None = None
@@ -264,7 +253,7 @@ class _Reporter:
     def publish(self, progress: Progress) -> None:
         estimate = progress.estimate
         neurons = ranked_neurons(self.game, estimate)
-        live = {"state": "cancelling" if self.cancelled else "running", "progress": self.progress_dict(estimate, progress.undecided),
+        live = {"state": JobState.CANCELLING if self.cancelled else JobState.RUNNING, "progress": self.progress_dict(estimate, progress.undecided),
                 "neurons": neurons, "updated_at": now().isoformat()}
         try:
             self.bus.set_live(self.job_id, live)
@@ -279,14 +268,12 @@ class _Reporter:
         if self.last is None:
             return
         state, estimate = self.last.checkpoint(), self.last.estimate
+        progress = self.progress_dict(estimate, self.last.undecided)
         try:
-            with self.db() as session:
-                if not session.execute(update(Job).where(self.lease.mine())
-                                       .values(progress=self.progress_dict(estimate, self.last.undecided))).rowcount:
-                    self.lease.lost = True
-                    return
-                session.merge(JobCheckpoint(job_id=self.job_id, state=state, iterations=estimate.iterations, saved_at=now()))
-                session.commit()
+            if not _in(self.db, lambda session: lifecycle.checkpoint(session, self.lease.lease, state,
+                                                                     estimate.iterations, progress)):
+                self.lease.lost = True
+                return
             self.checkpoints += 1
         except Exception as exc:  # a missed checkpoint costs only work since the previous one
             log.warning("job %s: checkpoint not saved: %s", self.job_id, exc)
@@ -329,60 +316,3 @@ def _eta(estimate, config: TMABConfig) -> float | None:
     if config.max_evaluations is not None and estimate.evaluations:
         left.append(estimate.elapsed_s * (config.max_evaluations - estimate.evaluations) / estimate.evaluations)
     return round(max(0.0, min(left)), 1) if left else None
-
-
-def _finish(lease: _Lease, bus: Bus, state: str, neurons: list[dict], summary: dict, progress: dict,
-            curve: dict | None) -> str | None:
-    """Write the result and the final state in one transaction, if the job is still ours."""
-    job_id = lease.job_id
-    with lease.db() as session:
-        if not session.execute(update(Job).where(lease.mine()).values(
-                state=state, finished_at=now(), summary=summary, progress=progress, lease_owner=None,
-                lease_expires_at=None)).rowcount:
-            session.rollback()
-            log.warning("job %s: lease lost before the result was written; another worker owns it", job_id)
-            return None
-        session.execute(delete(JobNeuron).where(JobNeuron.job_id == job_id))
-        session.add_all(JobNeuron(job_id=job_id, **n) for n in neurons)
-        if curve is not None:
-            session.merge(JobAblation(job_id=job_id, curve=curve))
-        session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
-        session.commit()
-    announce_end(bus, job_id, {"state": state})
-    log.info("job %s: %s", job_id, state)
-    return state
-
-
-def _fail(lease: _Lease, bus: Bus, kind: str, title: str, detail: str) -> str | None:
-    job_id = lease.job_id
-    error = {"type": kind, "title": title, "detail": detail}
-    with lease.db() as session:
-        if not session.execute(update(Job).where(lease.mine()).values(
-                state="failed", finished_at=now(), error=error, lease_owner=None, lease_expires_at=None)).rowcount:
-            return None
-        session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
-        session.commit()
-    announce_end(bus, job_id, {"state": "failed", "error": error})
-    log.info("job %s: failed: %s", job_id, detail)
-    return "failed"
-
-
-def _requeue(lease: _Lease, bus: Bus, reporter: _Reporter) -> str | None:
-    """The worker is shutting down: keep the work done so far and hand the job back."""
-    reporter.save_checkpoint()
-    with lease.db() as session:
-        handed_back = session.execute(update(Job).where(lease.mine(), Job.state.in_(("running", "cancelling")))
-                                      .values(state=_unless_cancelling("queued"), lease_owner=None,
-                                              lease_expires_at=None, enqueued_at=now())
-                                      .returning(Job.state)).scalar_one_or_none()
-        session.commit()
-    if handed_back is None:
-        return None
-    announce(bus, lease.job_id, "state", {"state": handed_back})
-    log.info("job %s: handed back at a checkpoint (worker shutting down)", lease.job_id)
-    return handed_back
-
-
-def _unless_cancelling(state: str):
-    """The new state of a job that moves to ``state``, unless it is being cancelled: cancellation is never undone."""
-    return case((Job.state == "cancelling", Job.state), else_=state)

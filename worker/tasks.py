@@ -23,6 +23,7 @@ from app.core.bus import make_bus
 from app.core.config import get_settings
 from app.core.queue import TASK_RUN_JOB, CeleryQueue, celery_app
 from app.jobs.recovery import reconcile
+from app.jobs.states import JobState
 from worker.runner import run_job
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def _start_reconciler(**_: object) -> None:
     def loop() -> None:
         while not _shutting_down.is_set():
             try:
-                reconcile(settings, CeleryQueue(settings.broker_url))
+                reconcile(settings, CeleryQueue(settings.broker_url), _bus)
             except Exception as exc:  # the database or broker is away: next time
                 log.warning("reconcile failed: %s", exc)
             _shutting_down.wait(settings.reconcile_interval_s)
@@ -58,5 +59,5 @@ def _start_reconciler(**_: object) -> None:
 
 @app.task(name=TASK_RUN_JOB, ignore_result=True)
 def run(job_id: str) -> None:
-    if run_job(job_id, settings, _bus, should_exit=_shutting_down.is_set) in ("queued", "cancelling"):
+    if run_job(job_id, settings, _bus, should_exit=_shutting_down.is_set) in (JobState.QUEUED, JobState.CANCELLING):
         CeleryQueue(settings.broker_url).enqueue(job_id)  # handed back at a checkpoint: the next worker resumes it

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
@@ -34,6 +35,10 @@ TASK_RUN_JOB = "neuronshap.run_job"
 QUEUE = "jobs"
 
 log = logging.getLogger(__name__)
+
+# Runs one job to its end: (job id, settings, bus, should_exit). The worker's runner, handed to the embedded queue
+# where the service is assembled (``neuronshap.server``), so that nothing in ``app`` imports the worker.
+RunJob = Callable[[str, Settings, "Bus", Callable[[], bool]], object]
 
 
 class Queue(Protocol):
@@ -101,14 +106,10 @@ class CeleryQueue:
 
 
 class ThreadQueue:
-    """The embedded default: jobs run one at a time on a thread of the API process.
+    """The embedded default: jobs run one at a time on a thread of the API process, through ``run_job``."""
 
-    The estimator (and torch) is imported on the first job, not before, so
-    the API stays light until there is work.
-    """
-
-    def __init__(self, settings: Settings, bus: "Bus") -> None:
-        self.settings, self.bus = settings, bus
+    def __init__(self, settings: Settings, bus: "Bus", run_job: RunJob) -> None:
+        self.settings, self.bus, self.run_job = settings, bus, run_job
         self._stopping = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuronshap-job")
         self._waiting: set[str] = set()
@@ -124,12 +125,10 @@ class ThreadQueue:
             return set(self._waiting)
 
     def _run(self, job_id: str) -> None:
-        from worker.runner import run_job
-
         with self._lock:
             self._waiting.discard(job_id)
         try:
-            run_job(job_id, self.settings, self.bus, should_exit=self._stopping.is_set)
+            self.run_job(job_id, self.settings, self.bus, self._stopping.is_set)
         except Exception:  # the runner records job errors itself; this is a bug in it, keep the thread alive
             log.exception("job %s: runner failed", job_id)
 
@@ -142,5 +141,12 @@ class ThreadQueue:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def make_queue(settings: Settings, bus: "Bus") -> Queue:
-    return CeleryQueue(settings.broker_url) if settings.broker_url else ThreadQueue(settings, bus)
+def make_queue(settings: Settings, bus: "Bus", run_job: RunJob | None) -> Queue:
+    """Celery when a broker is configured; else the embedded thread, which needs the runner."""
+    if settings.broker_url:
+        return CeleryQueue(settings.broker_url)
+    if run_job is None:
+        raise RuntimeError("No broker is configured (NEURONSHAP_BROKER_URL) and this app was built without a job "
+                           "runner for the embedded queue: start the service with `neuronshap serve` (or uvicorn "
+                           "--factory neuronshap.server:app), or set NEURONSHAP_BROKER_URL and run workers.")
+    return ThreadQueue(settings, bus, run_job)

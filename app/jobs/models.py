@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import (JSON, Boolean, ColumnElement, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String,
-                        UniqueConstraint, exists)
+from sqlalchemy import (JSON, Boolean, ColumnElement, DateTime, Enum, Float, ForeignKey, Index, Integer, LargeBinary,
+                        String, UniqueConstraint, exists)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base
 
-STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
-ACTIVE_STATES = ("queued", "running", "cancelling")
-FINISHED_STATES = ("succeeded", "failed", "cancelled")
+from .states import JobState
+
+# Stored as the state's text in a VARCHAR(16) (the column migration 0001 made), read back as a JobState.
+STATE_COLUMN = Enum(JobState, native_enum=False, create_constraint=False, length=16,
+                    values_callable=lambda states: [s.value for s in states], validate_strings=True)
 
 
 class Job(Base):
@@ -20,7 +22,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[JobState] = mapped_column(STATE_COLUMN)
     name: Mapped[str | None] = mapped_column(String(200))
     spec: Mapped[dict] = mapped_column(JSON)
     model_blob: Mapped[str] = mapped_column(String(80))

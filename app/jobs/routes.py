@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from app.core.blobs import CHUNK
 from app.core.db import SessionDep
-from app.core.deps import BusDep, QueueDep, SettingsDep, StoreDep, TenantDep
+from app.core.deps import BusDep, QueueDep, SettingsDep, StoreDep
 from app.core.problems import MEDIA_TYPE
+from app.keys.deps import TenantDep
 
 from . import service
-from .schemas import JobOut, Neuron, Page, State
+from .schemas import JobOut, Neuron, Page
+from .states import JobState
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -32,7 +37,8 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict:
     """Start a job: rank the model's neurons for the metric on the data."""
-    job, _ = await service.create_job(session, settings, store, queue, bus, tenant, spec, model, data, idempotency_key)
+    job, _ = await service.create_job(session, settings, store, queue, bus, tenant, spec, _upload(model),
+                                      _upload(data), idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return await run_in_threadpool(service.job_view, job, bus)  # it may ask Redis: off the event loop
 
@@ -40,7 +46,7 @@ async def submit_job(
 @router.get("", response_model=Page[JobOut], responses=ERRORS)
 def list_jobs(
     session: SessionDep, settings: SettingsDep, bus: BusDep, tenant: TenantDep,
-    state: State | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: str | None = None,
+    state: JobState | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: str | None = None,
 ) -> dict:
     """The tenant's jobs, newest first."""
     return service.list_jobs(session, settings, bus, tenant, state, limit, cursor)
@@ -82,8 +88,8 @@ async def job_events(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     """Server-Sent Events ``progress``, ``bounds``, ``state`` and a last ``done``; resumable with Last-Event-ID."""
-    stream = await service.job_events(session, settings, bus, tenant, job_id, last_event_id, request.is_disconnected)
-    return StreamingResponse(stream, media_type="text/event-stream",
+    events = await service.job_events(session, settings, bus, tenant, job_id, last_event_id, request.is_disconnected)
+    return StreamingResponse(_sse(events), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -91,3 +97,23 @@ async def job_events(
 def get_ablation(job_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     """The metric after removing the top 1..K neurons by estimated value, beside removing K random ones."""
     return service.get_ablation(session, service.get_job(session, tenant, job_id))
+
+
+def _upload(file: UploadFile) -> service.Upload:
+    async def chunks() -> AsyncIterator[bytes]:
+        while chunk := await file.read(CHUNK):
+            yield chunk
+
+    return service.Upload(file.filename, chunks())
+
+
+async def _sse(events: AsyncIterator[service.JobEvent | None]) -> AsyncIterator[str]:
+    """Server-Sent Events framing: a reconnect delay, then each event (``None``: a keep-alive comment)."""
+    yield "retry: 2000\n\n"
+    async for event in events:
+        if event is None:
+            yield ": keep-alive\n\n"
+            continue
+        event_id, kind, data = event
+        head = f"id: {event_id}\n" if event_id else ""
+        yield f"{head}event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"

@@ -12,11 +12,12 @@ from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .states import JobState
+
 MetricName = Literal["accuracy", "log_likelihood", "class_recall", "group_accuracy", "worst_group_accuracy", "group_gap"]
 Mode = Literal["top", "bottom", "all"]
 Bound = Literal["normal", "bernstein", "bernstein_observed"]
 Ablation = Literal["zero", "mean"]
-State = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
 
 class _Strict(BaseModel):
@@ -98,7 +99,7 @@ class JobLinks(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    state: State
+    state: JobState
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -14,41 +14,41 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 
-from fastapi import UploadFile
-from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from app.core import cursors
-from app.core.blobs import CHUNK, BlobStore, BlobTooLarge
-from app.core.bus import Bus, announce, best_effort, valid_event_id
+from app.core.blobs import BlobStore, BlobTooLarge
+from app.core.bus import Bus, best_effort, valid_event_id
+from app.core.clock import utc
 from app.core.config import Settings
 from app.core.db import UNAVAILABLE, session_factory
 from app.core.problems import Problem, field_path, not_found
 from app.core.queue import Queue
 
-from . import recovery, uploads
-from .models import ACTIVE_STATES, FINISHED_STATES, Job, JobAblation, JobCheckpoint, JobNeuron, has_checkpoint
-from .schemas import JobSpec, Progress
+from . import lifecycle, recovery, uploads
+from .models import Job, JobAblation, JobCheckpoint, JobNeuron
+from .schemas import JobSpec, Neuron, Progress
+from .states import ACTIVE, FINISHED, JobState
 
 log = logging.getLogger(__name__)
 
 EVENT_BLOCK_S = 5.0  # a read of the event stream waits this long, then the job's record is checked
+JobEvent = tuple[str | None, str, dict]  # (event id, None for one told from the job's record; kind; data)
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
+@dataclass(frozen=True)
+class Upload:
+    """A file as the request streams it in: the name the client gave it, and its bytes."""
 
-
-def utc(value: datetime | None) -> datetime | None:
-    """Datetimes come back naive from SQLite and aware from PostgreSQL; both are UTC."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    filename: str | None
+    chunks: AsyncIterator[bytes]
 
 
 # --- creating a job -------------------------------------------------------------------------------------------
@@ -71,13 +71,9 @@ def parse_spec(text: str, limit: int) -> JobSpec:
         raise Problem(422, "invalid-spec", "Invalid spec", detail, field=where) from exc
 
 
-async def _store_upload(store: BlobStore, upload: UploadFile, limit: int, field: str) -> tuple[str, int]:
-    async def chunks() -> AsyncIterator[bytes]:
-        while chunk := await upload.read(CHUNK):
-            yield chunk
-
+async def _store_upload(store: BlobStore, upload: Upload, limit: int, field: str) -> tuple[str, int]:
     try:
-        digest, size = await store.put_stream(chunks(), limit)
+        digest, size = await store.put_stream(upload.chunks, limit)
     except BlobTooLarge as exc:
         raise Problem(413, "too-large", "Upload too large",
                       f"The {field} file is larger than this service's limit of {exc.limit} bytes.", field=field) from exc
@@ -95,7 +91,7 @@ def _forget_blob(session: Session, store: BlobStore, digest: str) -> None:
 
 async def create_job(
     session: Session, settings: Settings, store: BlobStore, queue: Queue, bus: Bus, tenant: str,
-    spec_text: str, model: UploadFile, data: UploadFile, idempotency_key: str | None,
+    spec_text: str, model: Upload, data: Upload, idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     """Store the uploads, record the job and queue it. Returns the job and whether it is new.
 
@@ -138,11 +134,10 @@ def _record_job(session: Session, settings: Settings, store: BlobStore, queue: Q
             return existing, False
 
     _check_quota(session, settings, tenant)
-    job = Job(
-        id=f"j_{secrets.token_hex(10)}", tenant=tenant, state="queued", name=spec.name, spec=spec_json,
+    job = lifecycle.new_job(
+        id=f"j_{secrets.token_hex(10)}", tenant=tenant, name=spec.name, spec=spec_json,
         model_blob=model_blob, model_format=model_fmt, data_blob=data_blob, data_format=data_fmt,
-        idempotency_key=idempotency_key, request_hash=request_hash, created_at=now(), enqueued_at=now(),
-        progress=Progress().model_dump(), cancel_requested=False,
+        idempotency_key=idempotency_key, request_hash=request_hash, progress=Progress().model_dump(),
     )
     session.add(job)
     try:
@@ -156,14 +151,14 @@ def _record_job(session: Session, settings: Settings, store: BlobStore, queue: Q
 
     # The job exists from here on: what follows must not turn the answer into an error (the client would
     # think nothing was made). A job not sent now is sent by a reconciler.
-    announce(bus, job.id, "state", {"state": "queued"})
+    lifecycle.submitted(bus, job.id)
     recovery.send(settings, queue, [job.id])
     return job, True
 
 
 def _check_quota(session: Session, settings: Settings, tenant: str) -> None:
     active = session.scalar(select(func.count()).select_from(Job)
-                            .where(Job.tenant == tenant, Job.state.in_(ACTIVE_STATES)))
+                            .where(Job.tenant == tenant, Job.state.in_(ACTIVE)))
     if active >= settings.max_active_jobs_per_tenant:
         raise Problem(429, "too-many-jobs", "Too many active jobs",
                       f"This tenant has {active} queued or running jobs, its limit; submit again when one has "
@@ -192,7 +187,7 @@ def get_job(session: Session, tenant: str, job_id: str) -> Job:
 def job_view(job: Job, bus: Bus) -> dict:
     """The job as API.md shows it; a running job's progress comes from the bus, fresher than the database."""
     progress = job.progress
-    if job.state in ACTIVE_STATES:
+    if job.state in ACTIVE:
         live = _live(bus, job.id)
         if live is not None:
             progress = live["progress"]
@@ -213,7 +208,7 @@ def _live(bus: Bus, job_id: str) -> dict | None:
         return None
 
 
-def list_jobs(session: Session, settings: Settings, bus: Bus, tenant: str, state: str | None, limit: int,
+def list_jobs(session: Session, settings: Settings, bus: Bus, tenant: str, state: JobState | None, limit: int,
               cursor: str | None) -> dict:
     scope = f"jobs:{tenant}:{state or ''}"
     query = select(Job).where(Job.tenant == tenant)
@@ -241,7 +236,7 @@ def list_neurons(session: Session, settings: Settings, bus: Bus, job: Job, order
     scope = f"neurons:{job.id}:{order}:{layer or ''}"
     after = cursors.decode(cursor, scope, settings.cursor_secret)["r"] if cursor else None
     descending_value = order == "desc"  # highest value first = rank ascending
-    if job.state in ACTIVE_STATES:
+    if job.state in ACTIVE:
         live = _live(bus, job.id)
         rows = live["neurons"] if live is not None else []
         rows = [n for n in rows if layer is None or n["layer"] == layer]
@@ -256,11 +251,7 @@ def list_neurons(session: Session, settings: Settings, bus: Bus, job: Job, order
         if after is not None:
             query = query.where(JobNeuron.rank > after if descending_value else JobNeuron.rank < after)
         query = query.order_by(JobNeuron.rank if descending_value else JobNeuron.rank.desc()).limit(limit + 1)
-        page = [
-            {"rank": n.rank, "layer": n.layer, "index": n.index, "value": n.value, "lower": n.lower,
-             "upper": n.upper, "samples": n.samples, "status": n.status}
-            for n in session.scalars(query)
-        ]
+        page = [Neuron.model_validate(n, from_attributes=True).model_dump() for n in session.scalars(query)]
     next_cursor = None
     if len(page) > limit:
         page = page[:limit]
@@ -273,7 +264,7 @@ def get_ablation(session: Session, job: Job) -> dict:
     if ablation is None:
         raise Problem(409, "not-ready", "No ablation check yet",
                       f"The ablation check is measured when a job succeeds; job {job.id} is {job.state}."
-                      + (" Poll GET /v1/jobs/{id} until it is succeeded." if job.state in ACTIVE_STATES else ""))
+                      + (" Poll GET /v1/jobs/{id} until it is succeeded." if job.state in ACTIVE else ""))
     return ablation.curve
 
 
@@ -287,19 +278,9 @@ def cancel_job(session: Session, bus: Bus, tenant: str, job_id: str) -> Job:
     it goes ``cancelling`` too, and the next worker to take it stores those estimates and ends it at once.
     """
     job = get_job(session, tenant, job_id)
-    t = now()
-    # Conditional updates: the worker may change the state at the same moment.
-    if session.execute(update(Job).where(Job.id == job_id, Job.state == "queued", ~has_checkpoint())
-                       .values(state="cancelled", cancel_requested=True, finished_at=t)).rowcount:
-        session.commit()
-        announce(bus, job_id, "state", {"state": "cancelled"})
-        announce(bus, job_id, "done", {"state": "cancelled"})
-    elif session.execute(update(Job).where(Job.id == job_id, Job.state.in_(("queued", "running")))
-                         .values(state="cancelling", cancel_requested=True)).rowcount:
-        session.commit()
-        announce(bus, job_id, "state", {"state": "cancelling"})
+    lifecycle.request_cancel(session, bus, job_id)
     session.refresh(job)
-    if job.state in ("succeeded", "failed"):
+    if job.state in (JobState.SUCCEEDED, JobState.FAILED):
         raise Problem(409, "job-finished", "Job already finished",
                       f"Job {job_id} is {job.state}; only a queued or running job can be cancelled.")
     return job
@@ -307,7 +288,7 @@ def cancel_job(session: Session, bus: Bus, tenant: str, job_id: str) -> Job:
 
 def delete_job(session: Session, store: BlobStore, bus: Bus, tenant: str, job_id: str) -> None:
     job = get_job(session, tenant, job_id)
-    if job.state not in FINISHED_STATES:
+    if job.state not in FINISHED:
         raise Problem(409, "job-active", "Job still active",
                       f"Job {job_id} is {job.state}; cancel it (POST /v1/jobs/{job_id}/cancel) and delete it once it "
                       "is cancelled.")
@@ -326,8 +307,10 @@ def delete_job(session: Session, store: BlobStore, bus: Bus, tenant: str, job_id
 
 
 async def job_events(session: Session, settings: Settings, bus: Bus, tenant: str, job_id: str,
-                     last_event_id: str | None, disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
-    """Server-Sent Events of a job until its ``done`` event, resuming after ``Last-Event-ID``.
+                     last_event_id: str | None,
+                     disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[JobEvent | None]:
+    """A job's events until its ``done`` event, resuming after ``Last-Event-ID``; None when there is nothing new
+    (the endpoint keeps the connection alive with it).
 
     Events come from the job's stream on the bus. When the stream has nothing
     to say (a finished job whose stream has expired, or a bus that is down),
@@ -339,12 +322,10 @@ async def job_events(session: Session, settings: Settings, bus: Bus, tenant: str
                       field="Last-Event-ID")
     job = await run_in_threadpool(get_job, session, tenant, job_id)
     session.close()  # a stream may stay open for hours: hold no connection meanwhile
-    after = last_event_id
     factory = session_factory(settings.resolved_database_url)
 
-    async def stream() -> AsyncIterator[str]:
-        nonlocal after
-        yield "retry: 2000\n\n"
+    async def stream() -> AsyncIterator[JobEvent | None]:
+        after = last_event_id
         while not await disconnected():
             try:
                 events = await asyncio.to_thread(bus.read, job.id, after, EVENT_BLOCK_S)
@@ -352,25 +333,26 @@ async def job_events(session: Session, settings: Settings, bus: Bus, tenant: str
                 log.warning("events of %s unavailable: %s", job.id, exc)
                 events = []
                 await asyncio.sleep(1.0)
-            for event_id, kind, data in events:
-                after = event_id
-                yield _sse(kind, data, event_id)
-                if kind == "done":
+            for event in events:
+                after = event[0]
+                yield event
+                if event[1] == "done":
                     return
-            if not events:
-                try:
-                    current = await run_in_threadpool(_current, factory, job.id)
-                except UNAVAILABLE as exc:  # the database is restarting: keep the stream open and ask again
-                    log.warning("events of %s: job record unavailable: %s", job.id, exc)
-                    yield ": database unavailable\n\n"
-                    await asyncio.sleep(1.0)
-                    continue
-                if current is None or current.state in FINISHED_STATES:
-                    state = current.state if current is not None else "deleted"
-                    yield _sse("state", {"state": state, "error": current.error if current else None})
-                    yield _sse("done", {"state": state})
-                    return
-                yield ": keep-alive\n\n"
+            if events:
+                continue
+            try:
+                current = await run_in_threadpool(_current, factory, job.id)
+            except UNAVAILABLE as exc:  # the database is restarting: keep the stream open and ask again
+                log.warning("events of %s: job record unavailable: %s", job.id, exc)
+                yield None
+                await asyncio.sleep(1.0)
+                continue
+            if current is None or current.state in FINISHED:
+                state = current.state if current is not None else "deleted"
+                yield None, "state", {"state": state, "error": current.error if current else None}
+                yield None, "done", {"state": state}
+                return
+            yield None
 
     return stream()
 
@@ -378,8 +360,3 @@ async def job_events(session: Session, settings: Settings, bus: Bus, tenant: str
 def _current(factory: sessionmaker[Session], job_id: str) -> Job | None:
     with factory() as session:
         return session.get(Job, job_id)
-
-
-def _sse(kind: str, data: dict, event_id: str | None = None) -> str:
-    head = f"id: {event_id}\n" if event_id else ""
-    return f"{head}event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"

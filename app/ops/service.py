@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 
 from app.core.bus import Bus
 from app.core.queue import Queue
-from app.jobs.models import STATES, Job
+from app.jobs.models import Job
+from app.jobs.states import JobState
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("neuronshap_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=REGISTRY)
@@ -35,8 +36,8 @@ def readiness(session: Session, queue: Queue, bus: Bus) -> dict[str, str]:
 
 def render_metrics(session: Session) -> tuple[bytes, str]:
     counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-    for state in STATES:
-        JOBS.labels(state).set(counts.get(state, 0))
+    for state in JobState:
+        JOBS.labels(state.value).set(counts.get(state, 0))
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 

@@ -143,7 +143,7 @@ def _explain(exc: Exception, args: argparse.Namespace) -> tuple[str | None, int]
     errors = sys.modules.get("worker.shapley.errors")
     if errors is not None and isinstance(exc, errors.UserInputError):
         return str(exc), EXIT_USER_ERROR
-    client = sys.modules.get("app.client")
+    client = sys.modules.get("neuronshap.client")
     if client is not None and isinstance(exc, client.ServiceError):
         return str(exc), EXIT_USER_ERROR if 400 <= exc.status < 500 else EXIT_JOB_FAILED
     httpx = sys.modules.get("httpx")
@@ -193,7 +193,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    uvicorn.run("app.main:app", factory=True, host=args.host, port=args.port, log_level="info")
+    uvicorn.run("neuronshap.server:app", factory=True, host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -212,7 +212,7 @@ def _worker_per_gpu(args: argparse.Namespace) -> int:
     children = []
     for gpu in [g.strip() for g in args.gpus.split(",") if g.strip()]:
         env = os.environ | {"CUDA_VISIBLE_DEVICES": gpu}
-        cmd = [sys.executable, "-m", "app.cli", "worker", "--name", f"{args.name}-gpu{gpu}"]
+        cmd = [sys.executable, "-m", "neuronshap", "worker", "--name", f"{args.name}-gpu{gpu}"]
         children.append(subprocess.Popen(cmd, env=env))
 
     def forward(signum, frame) -> None:
@@ -260,7 +260,8 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from app.client import Client
+    from app.jobs.states import JobState
+    from neuronshap.client import Client
 
     for path in (args.model, args.data, args.spec):
         if not path.is_file():
@@ -285,22 +286,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
         elif kind == "done":
             state = data["state"]
     final = client.job(job["id"])
-    if state == "failed":
+    if state == JobState.FAILED:
         print(f"neuronshap: job {job['id']} failed: {(final.get('error') or {}).get('detail')}", file=sys.stderr)
         return EXIT_JOB_FAILED
     _print_neurons(client.neurons(job["id"], limit=args.limit), args.json)
-    return 0 if state == "succeeded" else EXIT_JOB_FAILED
+    return 0 if state == JobState.SUCCEEDED else EXIT_JOB_FAILED
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from app.client import Client
+    from neuronshap.client import Client
 
     print(json.dumps(Client(args.url, args.api_key).job(args.job_id), indent=2))
     return 0
 
 
 def cmd_neurons(args: argparse.Namespace) -> int:
-    from app.client import Client
+    from neuronshap.client import Client
 
     neurons = Client(args.url, args.api_key).neurons(args.job_id, limit=args.limit, order=args.order, layer=args.layer)
     _print_neurons(neurons, args.json)

@@ -1,0 +1,33 @@
+"""The API as ``neuronshap serve`` runs it: the app, with the embedded queue wired to the worker's runner.
+
+``app`` never imports the worker; this is where the two meet. The runner
+(and with it torch) is imported when the first job runs, not before, so an
+API process that only sends jobs to Celery workers never loads torch.
+Run with ``neuronshap serve`` or ``uvicorn --factory neuronshap.server:app``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import FastAPI
+
+from app.core.bus import Bus
+from app.core.config import Settings, get_settings
+from app.main import create_app
+
+
+def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[], bool]) -> object:
+    """The embedded queue's runner: :func:`worker.runner.run_job`, imported on first use."""
+    from worker.runner import run_job as run
+
+    return run(job_id, settings, bus, should_exit=should_exit)
+
+
+def create_server_app(settings: Settings | None = None) -> FastAPI:
+    return create_app(settings or get_settings(), run_job=run_job)
+
+
+def app() -> FastAPI:
+    """Factory for uvicorn: settings are read when the server starts, not on import."""
+    return create_server_app()
