@@ -104,8 +104,8 @@ QUICK = Scale("quick", epochs={"digits CNN": 1, "wide CNN": 1}, wide_width=64, e
 class CountingBus(RedisBus):
     """The Redis bus, counting the runner's publications (one ``set_live`` each) and keeping the last snapshot."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
+    def __init__(self, url: str, prefix: str) -> None:
+        super().__init__(url, prefix)
         self.publications = 0
         self.last_snapshot: dict | None = None
 
@@ -195,7 +195,7 @@ class Bench:
                 session.add(JobCheckpoint(job_id=job_id, state=model.checkpoint, iterations=model.warm_iterations,
                                           saved_at=now()))
             session.commit()
-        bus = CountingBus(self.redis_url)
+        bus = CountingBus(self.redis_url, settings.redis_prefix)
         t, cpu = time.perf_counter(), time.process_time()
         state = run_job(job_id, settings, bus)
         wall_s, cpu_s = time.perf_counter() - t, time.process_time() - cpu

@@ -200,10 +200,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     if args.gpus:
         return _worker_per_gpu(args)
-    from worker.tasks import app
+    from worker.tasks import app, settings
 
-    app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "--queues", "jobs", "--loglevel", "INFO",
-                     "--hostname", f"{args.name}@%h", "--without-gossip", "--without-mingle"])
+    app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "--queues", settings.queue_name,
+                     "--loglevel", "INFO", "--hostname", f"{args.name}@%h", "--without-gossip", "--without-mingle"])
     return 0
 
 

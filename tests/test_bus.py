@@ -18,7 +18,7 @@ def bus(request):
     if request.param == "memory":
         return MemoryBus()
     redis.Redis.from_url(f"{REDIS}/{REDIS_DB}").flushdb()
-    return RedisBus(f"{REDIS}/{REDIS_DB}")
+    return RedisBus(f"{REDIS}/{REDIS_DB}", "ns:")
 
 
 def test_events_are_read_in_order_and_after_a_given_id(bus):

@@ -117,7 +117,7 @@ def test_a_job_saved_but_never_queued_is_sent_by_the_reconciler(cluster, tiny_cn
 def test_the_reconciler_sends_again_only_jobs_whose_message_is_not_in_the_queue(cluster, tiny_cnn):
     """A deep queue is not a lost message: resending every job that waits longer than REQUEUE_AFTER_S would flood
     the queue with duplicates (each resent again and again while it waits)."""
-    queue = CeleryQueue(cluster.settings.broker_url)
+    queue = CeleryQueue(cluster.settings.broker_url, cluster.settings.queue_name)
     waiting = [post(cluster, tiny_cnn, SPEC)["id"] for _ in range(3)]  # no worker runs: their messages stay queued
     lost = post(cluster, tiny_cnn, SPEC)["id"]
     redis.Redis.from_url(cluster.settings.broker_url).lrem("jobs", 1, _message_of(cluster.settings.broker_url, lost))
@@ -167,7 +167,7 @@ def test_cancelling_a_job_with_partial_estimates_keeps_them_whatever_became_of_i
             lease_expires_at=datetime.now(UTC) - timedelta(seconds=1)))
         session.commit()
     redis.Redis.from_url(settings.broker_url).delete("jobs")  # their messages went with the dead worker
-    sent = reconcile(settings, CeleryQueue(settings.broker_url), MemoryBus())
+    sent = reconcile(settings, CeleryQueue(settings.broker_url, settings.queue_name), MemoryBus())
     assert abandoned in sent and bare not in sent
     assert cluster.client.get(f"/v1/jobs/{bare}").json()["state"] == "cancelled"
 

@@ -32,7 +32,7 @@ settings = get_settings()
 if not settings.broker_url:
     raise SystemExit("neuronshap worker needs a broker: set NEURONSHAP_BROKER_URL (e.g. redis://localhost:6379/0). "
                      "Without one, `neuronshap serve` runs jobs in its own process.")
-app = celery_app(settings.broker_url)
+app = celery_app(settings.broker_url, settings.queue_name)
 _bus = make_bus(settings)
 _shutting_down = threading.Event()
 
@@ -49,7 +49,7 @@ def _start_reconciler(**_: object) -> None:
     def loop() -> None:
         while not _shutting_down.is_set():
             try:
-                reconcile(settings, CeleryQueue(settings.broker_url), _bus)
+                reconcile(settings, CeleryQueue(settings.broker_url, settings.queue_name), _bus)
             except Exception as exc:  # the database or broker is away: next time
                 log.warning("reconcile failed: %s", exc)
             _shutting_down.wait(settings.reconcile_interval_s)
@@ -60,4 +60,5 @@ def _start_reconciler(**_: object) -> None:
 @app.task(name=TASK_RUN_JOB, ignore_result=True)
 def run(job_id: str) -> None:
     if run_job(job_id, settings, _bus, should_exit=_shutting_down.is_set) in (JobState.QUEUED, JobState.CANCELLING):
-        CeleryQueue(settings.broker_url).enqueue(job_id)  # handed back at a checkpoint: the next worker resumes it
+        # Handed back at a checkpoint: the next worker resumes it.
+        CeleryQueue(settings.broker_url, settings.queue_name).enqueue(job_id)

@@ -110,16 +110,19 @@ class MemoryBus:
 
 
 class RedisBus:
-    """The bus in Redis: ``ns:job:<id>:live`` (JSON) and the stream ``ns:job:<id>:events``."""
+    """The bus in Redis: ``<prefix>job:<id>:live`` (JSON) and the stream ``<prefix>job:<id>:events``.
 
-    def __init__(self, url: str) -> None:
+    The prefix (``NEURONSHAP_REDIS_PREFIX``, default ``ns:``) lets deployments, or test runs, share one Redis
+    database without reading each other's jobs."""
+
+    def __init__(self, url: str, prefix: str) -> None:
         import redis
 
         self._redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+        self._prefix = prefix
 
-    @staticmethod
-    def _key(job_id: str, what: str) -> str:
-        return f"ns:job:{job_id}:{what}"
+    def _key(self, job_id: str, what: str) -> str:
+        return f"{self._prefix}job:{job_id}:{what}"
 
     def set_live(self, job_id: str, snapshot: dict) -> None:
         self._redis.set(self._key(job_id, "live"), json.dumps(snapshot), ex=LIVE_TTL_S)
@@ -181,4 +184,4 @@ def announce_end(bus: Bus, job_id: str, state: dict) -> None:
 
 
 def make_bus(settings: Settings) -> Bus:
-    return RedisBus(settings.redis_url) if settings.redis_url else MemoryBus()
+    return RedisBus(settings.redis_url, settings.redis_prefix) if settings.redis_url else MemoryBus()

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
     broker_url: str | None = Field(None, description="Celery broker URL; default an in-process queue")
     redis_url: str | None = Field(None, description="Redis for live bounds and events; default in-process")
+    queue_name: str = Field("jobs", min_length=1, description="the Celery queue the API sends to and workers consume")
+    redis_prefix: str = Field("ns:", description="prefix of every key the bus keeps in Redis")
     blob_dir: Path | None = Field(None, description="shared directory of uploads; default data_dir/blobs")
     max_model_bytes: int = 512 << 20
     max_data_bytes: int = 2 << 30

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from .bus import Bus
 
 TASK_RUN_JOB = "neuronshap.run_job"
-QUEUE = "jobs"
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +48,13 @@ class Queue(Protocol):
 
 
 @lru_cache
-def celery_app(broker_url: str) -> "Celery":
+def celery_app(broker_url: str, queue: str) -> "Celery":
+    """The Celery app on ``broker_url`` whose tasks go to ``queue`` (``settings.queue_name``)."""
     from celery import Celery
 
     app = Celery("neuronshap", broker=broker_url)
     app.conf.update(
-        task_default_queue=QUEUE,
+        task_default_queue=queue,
         task_acks_late=False,
         task_ignore_result=True,
         # A worker takes a message only when it is idle: a message reserved behind a job that runs for hours would
@@ -71,11 +71,12 @@ def celery_app(broker_url: str) -> "Celery":
 
 
 class CeleryQueue:
-    def __init__(self, broker_url: str) -> None:
-        self.app = celery_app(broker_url)
+    def __init__(self, broker_url: str, queue: str) -> None:
+        self.app = celery_app(broker_url, queue)
+        self.queue = queue
 
     def enqueue(self, job_id: str) -> None:
-        self.app.send_task(TASK_RUN_JOB, args=[job_id], queue=QUEUE)
+        self.app.send_task(TASK_RUN_JOB, args=[job_id], queue=self.queue)
 
     def waiting(self) -> set[str] | None:
         """Read from the broker's list (Redis only): lets the reconciler tell a job that waits its turn in a deep
@@ -87,7 +88,7 @@ class CeleryQueue:
 
         client = redis.Redis.from_url(url, socket_timeout=10)
         try:
-            messages = client.lrange(QUEUE, 0, -1)
+            messages = client.lrange(self.queue, 0, -1)
         finally:
             client.close()
         ids = set()
@@ -144,7 +145,7 @@ class ThreadQueue:
 def make_queue(settings: Settings, bus: "Bus", run_job: RunJob | None) -> Queue:
     """Celery when a broker is configured; else the embedded thread, which needs the runner."""
     if settings.broker_url:
-        return CeleryQueue(settings.broker_url)
+        return CeleryQueue(settings.broker_url, settings.queue_name)
     if run_job is None:
         raise RuntimeError("No broker is configured (NEURONSHAP_BROKER_URL) and this app was built without a job "
                            "runner for the embedded queue: start the service with `neuronshap serve` (or uvicorn "
