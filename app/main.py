@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.core import problems
+from app.core import docs, problems
 from app.core.blobs import BlobStore
 from app.core.bus import make_bus
 from app.core.config import Settings, get_settings
@@ -52,10 +52,13 @@ def create_app(settings: Settings | None = None, run_job: RunJob | None = None) 
         version="1.0",
         summary="Which neurons of a trained network carry a metric: TMAB-Shapley values with confidence bounds.",
         lifespan=lifespan,
+        docs_url=None,  # served by app.core.docs, without a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.store = BlobStore(settings.resolved_blob_dir)
     problems.install(app)
+    docs.install(app)
     app.middleware("http")(measure)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.include_router(jobs_routes.router)

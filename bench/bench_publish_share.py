@@ -67,7 +67,8 @@ from app.core.config import Settings
 from app.core.db import get_engine, migrate, session_factory
 from app.keys.deps import DEFAULT_TENANT
 from app.jobs.models import Job, JobCheckpoint
-from app.jobs.schemas import JobSpec, Progress
+from app.jobs.schemas import Progress
+from app.jobs.spec import JobSpec
 from bench.bench_estimator import machine_lines, out, section, table
 from examples.digits import DigitsCNN, WideDigitsCNN, export_onnx, load_digits_split, save_eval_npz, train
 from tests.conftest import REDIS, postgres_schema

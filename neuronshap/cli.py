@@ -22,49 +22,53 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Literal, TextIO, get_args, get_origin
+
+from pydantic import ValidationError
+
+from app.jobs import spec
+
+from . import __version__
 
 EXIT_USER_ERROR = 2
 EXIT_JOB_FAILED = 1
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
+class UsageError(Exception):
+    """An option or file the user gave makes no sense; the message names it and says what would."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuronshap", description="Which neurons of a network carry a metric.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     est = commands.add_parser(
         "estimate",
         help="rank the neurons of a model on an evaluation set (TMAB-Shapley)",
-        description="Estimate the Shapley value of every chosen neuron for a metric, with confidence bounds.",
+        description="Estimate the Shapley value of every chosen neuron for a metric, with confidence bounds. "
+                    "The options are the job spec's fields (docs/API.md), checked before the model loads.",
     )
-    est.add_argument("model", help="an ONNX model (.onnx) or a torch.export program (.pt2)")
-    est.add_argument("data", help=".npz or .safetensors with `inputs`, `labels` and optionally `groups`")
-    est.add_argument("--metric", required=True,
-                     help="accuracy | log_likelihood | class_recall | group_accuracy | worst_group_accuracy | group_gap")
-    est.add_argument("--class", dest="class_", type=int, help="the class, for class_recall")
-    est.add_argument("--group", type=int, help="the group, for group_accuracy")
-    est.add_argument("--groups", type=int, nargs=2, metavar=("G0", "G1"), help="the two groups, for group_gap")
-    est.add_argument("--layers", nargs="+", metavar="GLOB",
-                     help="layers whose neurons to rank, by module name or glob (default: every hidden conv/linear layer)")
-    est.add_argument("--ablation", choices=("zero", "mean"), default="zero", help="what a removed neuron outputs (default zero)")
-    tuning = est.add_argument_group("estimator settings", "each defaults to the library's TMABConfig default")
-    tuning.add_argument("--mode", choices=("top", "bottom", "all"),
-                        help="find the top-k helpful neurons, the bottom-k harmful ones, or value all (default top)")
-    tuning.add_argument("--top-k", type=int)
-    tuning.add_argument("--delta", type=float, help="error level of all bounds together")
-    tuning.add_argument("--epsilon", type=float, help="near-tie tolerance around the top-k threshold")
-    tuning.add_argument("--half-width", type=float, help="target bound half-width for --mode all")
-    tuning.add_argument("--bound", choices=("normal", "bernstein", "bernstein_observed"))
-    tuning.add_argument("--truncation", type=float, help="truncation fraction; 0 turns truncation off")
-    tuning.add_argument("--seed", type=int)
-    tuning.add_argument("--max-seconds", type=float)
-    tuning.add_argument("--max-iterations", type=int)
-    tuning.add_argument("--max-evaluations", type=int)
-    est.add_argument("--batch-size", type=int, default=64, help="examples per evaluation batch (default 64)")
+    est.add_argument("model", type=Path, help="an ONNX model (.onnx) or a torch.export program (.pt2)")
+    est.add_argument("data", type=Path, help=".npz or .safetensors with `inputs`, `labels` and optionally `groups`")
+    metric = spec.MetricSpec.model_fields
+    est.add_argument("--metric", required=True, choices=spec.METRICS, metavar="NAME", help=metric["name"].description)
+    est.add_argument("--class", dest="class_", type=int, help=metric["class_"].description)
+    est.add_argument("--group", type=int, help=metric["group"].description)
+    est.add_argument("--groups", type=int, nargs=2, metavar=("G0", "G1"), help=metric["groups"].description)
+    players = spec.PlayersSpec.model_fields
+    est.add_argument("--layers", nargs="+", metavar="GLOB", help=players["layers"].description)
+    est.add_argument("--ablation", choices=spec.ABLATIONS, help=players["ablation"].description)
+    tuning = est.add_argument_group("estimator settings", "the spec's `estimator` fields; defaults as in the spec")
+    for name, info in spec.EstimatorSpec.model_fields.items():
+        choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
+        number = next((t for t in (int, float) if t in (info.annotation, *get_args(info.annotation))), None)
+        default = "" if info.default is None else f" (default {info.default})"
+        tuning.add_argument(_option(name), dest=name, choices=choices, type=number, help=f"{info.description}{default}")
     est.add_argument("--device", help="cpu, cuda, cuda:1 … (default: the GPU if there is one)")
     est.add_argument("--limit", type=int, default=20, help="neurons to print as text (--json prints all)")
-    est.add_argument("--json", action="store_true", help="print the ranked neurons as a JSON list (API.md's shape)")
+    est.add_argument("--json", action="store_true", help="print the ranked neurons as a JSON list (docs/API.md's shape)")
     est.set_defaults(handler=cmd_estimate)
 
     serve = commands.add_parser("serve", help="run the HTTP API (embedded defaults unless NEURONSHAP_* says otherwise)")
@@ -91,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(handler=cmd_keys_revoke)
 
     def client_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", default=os.environ.get("NEURONSHAP_URL", DEFAULT_URL),
-                       help=f"the service (default $NEURONSHAP_URL or {DEFAULT_URL})")
+        p.add_argument("--url", type=_service_url, default=os.environ.get("NEURONSHAP_URL", DEFAULT_URL),
+                       help=f"the service, e.g. {DEFAULT_URL} (default $NEURONSHAP_URL, else that); "
+                            "host:port means http://host:port")
         p.add_argument("--api-key", default=os.environ.get("NEURONSHAP_API_KEY"), help="default $NEURONSHAP_API_KEY")
 
     submit = commands.add_parser("submit", help="submit a job to the service")
@@ -140,6 +145,8 @@ def _explain(exc: Exception, args: argparse.Namespace) -> tuple[str | None, int]
     The error classes are looked up only in modules already imported, so that
     the HTTP commands never import torch and the local ones never import httpx.
     """
+    if isinstance(exc, UsageError):
+        return str(exc), EXIT_USER_ERROR
     errors = sys.modules.get("worker.shapley.errors")
     if errors is not None and isinstance(exc, errors.UserInputError):
         return str(exc), EXIT_USER_ERROR
@@ -153,19 +160,69 @@ def _explain(exc: Exception, args: argparse.Namespace) -> tuple[str | None, int]
     return None, 0
 
 
-def cmd_estimate(args: argparse.Namespace) -> int:
-    from worker.shapley import (
-        MetricSpec, NeuronGame, TMABConfig, load_data, load_model, ranked_neurons, run_summary, run_tmab,
-    )
+def _service_url(url: str) -> str:
+    """``host:port`` is taken as ``http://host:port``; any other scheme than http(s) is named as the problem."""
+    if "://" not in url:
+        url = f"http://{url}"
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in ("http", "https") or not url.split("://", 1)[1].strip("/"):
+        raise argparse.ArgumentTypeError(f"{url!r} is not an http(s) URL of the service; e.g. {DEFAULT_URL}")
+    return url
 
-    metric = MetricSpec(args.metric, class_=args.class_, group=args.group,
-                        groups=tuple(args.groups) if args.groups else None)
-    settings = ("mode", "top_k", "delta", "epsilon", "half_width", "bound", "truncation", "seed",
-                "max_seconds", "max_iterations", "max_evaluations")
-    config = TMABConfig(**{k: getattr(args, k) for k in settings if getattr(args, k) is not None})
-    game = NeuronGame(load_model(args.model), load_data(args.data), metric, layers=args.layers,
-                      ablation=args.ablation, batch_size=args.batch_size, device=args.device)
-    config.validate(game.n_players)
+
+def _option(field: str) -> str:
+    """The command-line option of a spec field: ``top_k`` → ``--top-k``."""
+    return "--" + field.replace("_", "-")
+
+
+# Spec fields whose option is not named after the field, and how the spec's messages name metric fields.
+_OPTIONS = {"name": "--metric", "metric": "--metric", "class": "--class"}
+_METRIC_FIELDS = {"`class`": "--class", "`group`": "--group", "`groups`": "--groups"}
+
+
+def _spec_from_options(args: argparse.Namespace) -> spec.JobSpec:
+    """The job spec the options state; a :class:`UsageError` naming the option for one that makes no sense."""
+    given = {name: getattr(args, name) for name in spec.EstimatorSpec.model_fields if getattr(args, name) is not None}
+    document = {
+        "metric": {"name": args.metric, "class": args.class_, "group": args.group, "groups": args.groups},
+        "players": {"layers": args.layers} | ({"ablation": args.ablation} if args.ablation else {}),
+        "estimator": given,
+    }
+    try:
+        return spec.JobSpec.model_validate(document)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][-1]) if error["loc"] else "metric"
+            message = error["msg"].removeprefix("Value error, ")
+            for name, option in _METRIC_FIELDS.items():
+                message = message.replace(name, option)
+            problems.append(f"{_OPTIONS.get(field) or _option(field)}: {message}")
+        raise UsageError("; ".join(problems)) from exc
+
+
+def _check_files(args: argparse.Namespace) -> None:
+    """The model and data files exist and look like what they claim, from their headers (no torch yet)."""
+    from app.core.problems import Problem
+    from app.jobs import uploads
+
+    for path in (args.model, args.data):
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    try:
+        uploads.model_format(args.model.name, args.model, allow_pickle=True)  # a local file of the user's own
+        uploads.data_format(args.data.name, args.data, max_unpacked=1 << 62)
+    except Problem as exc:
+        raise UsageError(f"{exc.field} file {getattr(args, exc.field or 'model')}: {exc.detail}") from exc
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    job_spec = _spec_from_options(args)
+    _check_files(args)
+    from worker.shapley import ranked_neurons, run_summary, run_tmab  # torch loads here, once the input is known good
+    from worker.translate import build_game
+
+    game, config = build_game(job_spec, args.model, args.data, device=args.device)
 
     interrupted = False
 

@@ -48,8 +48,9 @@ class Client:
         try:
             problem = response.json()
             detail = problem.get("detail") or problem.get("title") or response.text
-            if problem.get("field"):
-                detail = f"{problem['field']}: {detail}"
+            field = problem.get("field")
+            if field and field not in detail:  # the detail of a spec error already names its field
+                detail = f"{field}: {detail}"
         except ValueError:
             detail = response.text[:500]
         raise ServiceError(response.status_code, f"HTTP {response.status_code}: {detail}")

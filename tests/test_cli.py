@@ -5,6 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+
+import pytest
+
+from neuronshap import __version__
 
 API_NEURON_KEYS = ["rank", "layer", "index", "value", "lower", "upper", "samples", "status"]
 
@@ -56,3 +61,46 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(tiny_cnn, tmp_path):
         assert "Traceback" not in result.stderr
         assert result.stderr.startswith("neuronshap: error: ")
         assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--metric", "nope"), "invalid choice: 'nope'"),
+    (("--metric", "class_recall"), "--metric: metric class_recall needs --class"),
+    (("--metric", "accuracy", "--delta", "2"), "--delta:"),
+    (("--metric", "accuracy", "--top-k", "0"), "--top-k:"),
+    (("--metric", "accuracy", "--batch-size", "0"), "--batch-size:"),
+])
+def test_option_errors_answer_at_once_naming_the_option(tmp_path, args, says):
+    """Checked before torch loads: a bad option costs the interpreter's start, not the estimator's import."""
+    model, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    model.write_bytes(b"\x08\x07")
+    data.write_bytes(b"")
+    started = time.monotonic()
+    result = neuronshap("estimate", model, data, *args)
+    assert time.monotonic() - started < 1.5, "the check waited for the estimator to load"
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_file_errors_answer_at_once_naming_the_file(tmp_path, tiny_cnn):
+    started = time.monotonic()
+    missing = neuronshap("estimate", tmp_path / "missing.onnx", tiny_cnn.npz, "--metric", "accuracy")
+    not_onnx = tmp_path / "model.onnx"
+    not_onnx.write_text("hello")
+    wrong = neuronshap("estimate", not_onnx, tiny_cnn.npz, "--metric", "accuracy")
+    assert time.monotonic() - started < 3.0
+    assert missing.returncode == 2 and "missing.onnx: no such file" in missing.stderr
+    assert wrong.returncode == 2 and "model file" in wrong.stderr and "not an ONNX model" in wrong.stderr
+
+
+def test_version():
+    result = neuronshap("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"neuronshap {__version__}"
+
+
+def test_a_small_layer_choice_without_top_k_ranks_what_there_is(tiny_cnn):
+    """conv1 has 4 channels: the default top_k (10) becomes 3 rather than an error about a value never set."""
+    result = neuronshap("estimate", tiny_cnn.onnx, tiny_cnn.npz, "--metric", "accuracy", "--layers", "conv1",
+                        "--max-iterations", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)) == 4

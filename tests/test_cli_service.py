@@ -59,6 +59,9 @@ def test_submit_wait_status_and_neurons_against_a_running_service(tmp_path, tiny
         spec.write_text('{"metric": {"name": "f1"}}')
         bad = neuronshap("submit", str(tiny_cnn.onnx), str(tiny_cnn.npz), "--spec", str(spec), url=url)
         assert bad.returncode == 2 and "spec.metric.name" in bad.stderr and "Traceback" not in bad.stderr
+        assert bad.stderr.count("spec.metric.name") == 1, bad.stderr  # the field is named once, not twice
+        schemeless = neuronshap("status", job_id, url=url.removeprefix("http://"))
+        assert schemeless.returncode == 0 and json.loads(schemeless.stdout)["id"] == job_id, schemeless.stderr
         missing = neuronshap("status", "j_nope", url=url)
         assert missing.returncode == 2 and "404" in missing.stderr
     gone = neuronshap("status", job_id, url=url)

@@ -40,18 +40,18 @@ from app.jobs import lifecycle
 from app.jobs.lifecycle import Lease
 from app.jobs.models import Job, JobCheckpoint
 from app.jobs.states import JobState
+from app.jobs.schemas import Progress as ProgressView
+from app.jobs.spec import JobSpec
 from worker.shapley import (
-    MetricSpec, NeuronGame, Progress, TMABConfig, UserInputError, ablation_curve, load_data, load_model,
-    ranked_neurons, run_summary, run_tmab,
+    Estimate, NeuronGame, Progress, TMABConfig, UserInputError, ablation_curve, ranked_neurons, run_summary, run_tmab,
 )
 from worker.shapley.errors import DataError, ModelError, SpecError
+from worker.translate import build_game
 
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {ModelError: "model-error", DataError: "data-error", SpecError: "spec-error"}
 T = TypeVar("T")
-TMAB_FIELDS = ("mode", "top_k", "delta", "epsilon", "half_width", "bound", "truncation", "patience", "seed",
-               "max_iterations", "max_evaluations", "max_seconds")
 
 
 def worker_identity() -> str:
@@ -200,19 +200,7 @@ def _build(job: Job, settings: Settings, tmp: Path) -> tuple[NeuronGame, TMABCon
     model_path, data_path = tmp / f"model.{job.model_format}", tmp / f"data.{job.data_format}"
     model_path.symlink_to(store.path(job.model_blob).resolve())
     data_path.symlink_to(store.path(job.data_blob).resolve())
-    spec = job.spec
-    metric = spec["metric"]
-    groups = metric.get("groups")
-    game = NeuronGame(
-        load_model(model_path), load_data(data_path),
-        MetricSpec(metric["name"], class_=metric.get("class"), group=metric.get("group"),
-                   groups=tuple(groups) if groups else None),
-        layers=spec["players"].get("layers"), ablation=spec["players"]["ablation"],
-        batch_size=spec["estimator"]["batch_size"],
-    )
-    config = TMABConfig(**{k: spec["estimator"][k] for k in TMAB_FIELDS})
-    config.validate(game.n_players)
-    return game, config
+    return build_game(JobSpec.model_validate(job.spec), model_path, data_path)
 
 
 @dataclass
@@ -294,20 +282,21 @@ class _Reporter:
                 log.warning("job %s: cancel flag not read: %s", self.job_id, exc)
         return self.cancelled
 
-    def progress_dict(self, estimate, undecided: int | None = None) -> dict:
+    def progress_dict(self, estimate: Estimate, undecided: int | None = None) -> dict:
+        """The job's ``progress`` (:class:`app.jobs.schemas.Progress`), as stored and published."""
         undecided = estimate.status.count("undecided") if undecided is None else undecided
-        return {
-            "iterations": estimate.iterations, "evaluations": estimate.evaluations,
-            "players": len(estimate.status), "undecided": undecided,
-            "v_full": estimate.v_full, "v_empty": estimate.v_empty, "elapsed_s": round(estimate.elapsed_s, 3),
-            "eta_s": _eta(estimate, self.config),
-        }
+        return ProgressView(
+            iterations=estimate.iterations, evaluations=estimate.evaluations, players=len(estimate.status),
+            undecided=undecided, v_full=estimate.v_full, v_empty=estimate.v_empty,
+            elapsed_s=round(estimate.elapsed_s, 3), eta_s=_eta(estimate),
+        ).model_dump()
 
 
-def _eta(estimate, config: TMABConfig) -> float | None:
+def _eta(estimate: Estimate) -> float | None:
     """Time left until the nearest budget, at the rate so far; None without a budget (convergence has no ETA)."""
     if estimate.iterations == 0 or estimate.elapsed_s <= 0:
         return None
+    config = estimate.config
     left = []
     if config.max_seconds is not None:
         left.append(config.max_seconds - estimate.elapsed_s)

@@ -33,7 +33,10 @@ async def submit_job(
     tenant: TenantDep,
     model: Annotated[UploadFile, File(description="an ONNX model (.onnx); .pt2 only where the operator allows it")],
     data: Annotated[UploadFile, File(description=".npz or .safetensors with `inputs`, `labels` and optionally `groups`")],
-    spec: Annotated[str, Form(description="the job spec as JSON text (API.md); only `metric.name` is required")],
+    spec: Annotated[str, Form(description="the job spec as JSON text (schema `JobSpec`, docs/API.md); only "
+                                          "`metric.name` is required",
+                              json_schema_extra={"contentMediaType": "application/json",
+                                                 "contentSchema": {"$ref": "#/components/schemas/JobSpec"}})],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict:
     """Start a job: rank the model's neurons for the metric on the data."""

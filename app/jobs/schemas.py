@@ -1,8 +1,7 @@
-"""The HTTP shapes of the jobs domain (``shared/docs/API.md``).
+"""The HTTP shapes of the jobs domain (docs/API.md): a job, its progress, a ranked neuron, a page.
 
-The spec is validated here, without torch: names of metrics, modes and
-bounds are repeated from the estimator library on purpose (the API process
-never imports it) and a test keeps both lists equal.
+The spec is :mod:`app.jobs.spec`. :class:`Neuron` and :class:`Progress` are
+also what the worker publishes and stores, so they are defined once, here.
 """
 
 from __future__ import annotations
@@ -10,70 +9,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
 
+from .spec import JobSpec
 from .states import JobState
-
-MetricName = Literal["accuracy", "log_likelihood", "class_recall", "group_accuracy", "worst_group_accuracy", "group_gap"]
-Mode = Literal["top", "bottom", "all"]
-Bound = Literal["normal", "bernstein", "bernstein_observed"]
-Ablation = Literal["zero", "mean"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class MetricSpec(_Strict):
-    name: MetricName
-    class_: int | None = Field(None, alias="class", ge=0, description="for class_recall")
-    group: int | None = Field(None, ge=0, description="for group_accuracy")
-    groups: list[int] | None = Field(None, min_length=2, max_length=2, description="for group_gap: the two groups")
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    @model_validator(mode="after")
-    def _needs(self) -> "MetricSpec":
-        if self.name == "class_recall" and self.class_ is None:
-            raise ValueError("metric class_recall needs `class`: the class whose recall to explain")
-        if self.name == "group_accuracy" and self.group is None:
-            raise ValueError("metric group_accuracy needs `group`: the group whose accuracy to explain")
-        if self.name == "group_gap" and (self.groups is None or self.groups[0] == self.groups[1]):
-            raise ValueError("metric group_gap needs `groups`: two different group ids, e.g. [0, 1]")
-        return self
-
-
-class PlayersSpec(_Strict):
-    layers: list[str] | None = Field(None, min_length=1, description="module names or globs; default every hidden layer")
-    ablation: Ablation = "zero"
-
-
-class EstimatorSpec(_Strict):
-    mode: Mode = "top"
-    top_k: int = Field(10, ge=1)
-    delta: float = Field(0.05, gt=0, lt=1)
-    epsilon: float = Field(0.005, ge=0)
-    half_width: float = Field(0.01, gt=0)
-    bound: Bound = "normal"
-    truncation: float = Field(0.1, ge=0, lt=1)
-    patience: int = Field(5, ge=1)
-    batch_size: int = Field(64, ge=1)
-    seed: int = 0
-    max_iterations: int | None = Field(None, ge=1)
-    max_evaluations: int | None = Field(None, ge=1)
-    max_seconds: float | None = Field(None, gt=0)
-
-
-class JobSpec(_Strict):
-    """What to estimate; every field is optional but ``metric.name``."""
-
-    name: str | None = Field(None, max_length=200)
-    metric: MetricSpec
-    players: PlayersSpec = PlayersSpec()
-    estimator: EstimatorSpec = EstimatorSpec()
 
 
 class Progress(BaseModel):
+    """How far a job has got; live from the bus while it runs."""
+
     iterations: int = 0
     evaluations: int = 0
     players: int = 0
@@ -103,7 +47,7 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    spec: dict
+    spec: JobSpec = Field(description="the spec as submitted, with every default filled in")
     progress: Progress
     error: JobError | None
     summary: dict | None = Field(None, description="how the result was produced (stop reason, work done, "
@@ -111,7 +55,13 @@ class JobOut(BaseModel):
     links: JobLinks
 
 
+NeuronStatus = Literal["top", "bottom", "out", "decided", "undecided"]
+
+
 class Neuron(BaseModel):
+    """A ranked neuron: rank 1 has the highest estimated value. The estimator library's ``ranked_neurons`` makes
+    these (as dicts, with exactly these keys) and ``JobNeuron`` stores them; a test keeps the three equal."""
+
     rank: int
     layer: str
     index: int
@@ -119,7 +69,8 @@ class Neuron(BaseModel):
     lower: float
     upper: float
     samples: int
-    status: Literal["top", "bottom", "out", "decided", "undecided"]
+    status: NeuronStatus = Field(description="top/bottom: certified in the top/bottom k; out: certified not; "
+                                             "decided: interval narrow enough (mode all); undecided")
 
 
 T = TypeVar("T")

@@ -34,7 +34,8 @@ from app.core.queue import Queue
 
 from . import lifecycle, recovery, uploads
 from .models import Job, JobAblation, JobCheckpoint, JobNeuron
-from .schemas import JobSpec, Neuron, Progress
+from .schemas import Neuron, Progress
+from .spec import JobSpec
 from .states import ACTIVE, FINISHED, JobState
 
 log = logging.getLogger(__name__)
