@@ -1,6 +1,6 @@
 """TMAB-Shapley: truncated Monte Carlo permutation sampling with a multi-armed bandit.
 
-Ghorbani & Zou, "Neuron Shapley", NeurIPS 2020; ``shared/docs/ESTIMATOR.md``
+Ghorbani & Zou, "Neuron Shapley", NeurIPS 2020; ``docs/ESTIMATOR.md``
 states the method. The estimator plays any :class:`Game` (the neurons of a
 model, or a synthetic game in the tests) and knows nothing of models.
 
@@ -63,7 +63,8 @@ class TMABConfig:
         truncation: stop a walk once the value stays within this fraction of
             ``|V(all) − V(∅)|`` of ``V(∅)``; 0 disables truncation (unbiased).
         patience: consecutive evaluated steps within that band before truncating.
-        min_samples: no player is decided before this many samples.
+        min_samples: no player is decided before this many *informative* samples: marginals its walks really
+            measured, not the zeros a walk truncated before reaching it records (:mod:`.stats`).
         lanes: permutations walked side by side, sharing forward passes.
         coalitions_per_pass: cap on coalitions per forward pass (the game also caps it by memory).
         seed: the whole run is a function of it.
@@ -124,6 +125,7 @@ class Estimate:
     lower: torch.Tensor
     upper: torch.Tensor
     samples: torch.Tensor  # int64 [n]
+    informative: torch.Tensor  # int64 [n]: samples from walks that reached the player before truncating
     status: list[str]  # top | bottom | out | decided | undecided
     iterations: int
     evaluations: int
@@ -307,8 +309,8 @@ class _Runner:
 
         st = self.state
         for w in walks:
-            players, marginals = w.marginals()
-            st.stats.add(players, marginals)
+            players, marginals, reached = w.marginals()
+            st.stats.add(players, marginals, reached)
             st.v_full_sum += w.v_full
             st.v_empty_sum += w.v_empty
         st.iterations += lanes
@@ -328,7 +330,7 @@ class _Runner:
         """Players whose place relative to the threshold is still undecided."""
         cfg, stats = self.cfg, self.state.stats
         mean, lower, upper = self._bounds()
-        young = stats.count < cfg.min_samples
+        young = stats.informative < cfg.min_samples
         if cfg.mode == "all":
             return young | ((upper - lower) / 2 > cfg.half_width)
         theta = _threshold(mean, cfg)
@@ -347,7 +349,8 @@ class _Runner:
                     status[i] = cfg.mode if i in chosen else "out"
         its = st.iterations
         return Estimate(
-            values=mean, lower=lower, upper=upper, samples=st.stats.count.clone(), status=status,
+            values=mean, lower=lower, upper=upper, samples=st.stats.count.clone(),
+            informative=st.stats.informative.clone(), status=status,
             iterations=its, evaluations=st.evaluations, rows=st.rows, elapsed_s=st.elapsed_s,
             v_full=st.v_full_sum / its if its else None, v_empty=st.v_empty_sum / its if its else None,
             stop_reason=reason, config=cfg,
@@ -413,10 +416,10 @@ class _Walk:
                 if self.run >= self.cfg.patience:
                     self.truncated_at = step
 
-    def marginals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(players, marginal contributions) of this walk's active players."""
+    def marginals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(players, marginal contributions, reached) of this walk's active players; ``reached`` is False where
+        the walk was truncated before the player, whose marginal is then 0 by definition (the truncated game)."""
         pos = self.positions
         marg = self.values[pos - 1] - self.values[pos]
-        if self.truncated_at is not None:
-            marg = torch.where(pos > self.truncated_at, torch.zeros_like(marg), marg)
-        return self.perm[pos - 1], marg
+        reached = torch.ones_like(pos, dtype=torch.bool) if self.truncated_at is None else pos <= self.truncated_at
+        return self.perm[pos - 1], torch.where(reached, marg, torch.zeros_like(marg)), reached
