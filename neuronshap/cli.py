@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="submit a job to the service")
     submit.add_argument("model", type=Path)
     submit.add_argument("data", type=Path)
-    submit.add_argument("--spec", required=True, type=Path, help="a JSON file with the job spec (API.md)")
+    submit.add_argument("--spec", required=True, type=Path, help="a JSON file with the job spec (docs/API.md, schema JobSpec)")
     submit.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
     submit.add_argument("--wait", action="store_true", help="follow the job to its end, then print the top neurons")
     submit.add_argument("--limit", type=int, default=10, help="neurons to print with --wait")

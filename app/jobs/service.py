@@ -186,7 +186,7 @@ def get_job(session: Session, tenant: str, job_id: str) -> Job:
 
 
 def job_view(job: Job, bus: Bus) -> dict:
-    """The job as API.md shows it; a running job's progress comes from the bus, fresher than the database."""
+    """The job as docs/API.md shows it; a running job's progress comes from the bus, fresher than the database."""
     progress = job.progress
     if job.state in ACTIVE:
         live = _live(bus, job.id)

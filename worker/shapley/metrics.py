@@ -25,7 +25,7 @@ METRICS = ("accuracy", "log_likelihood", "class_recall", "group_accuracy", "wors
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """The metric as the user states it (API.md's ``metric`` object)."""
+    """The metric as the user states it (docs/API.md's ``metric`` object)."""
 
     name: str
     class_: int | None = None

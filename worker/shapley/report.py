@@ -1,4 +1,4 @@
-"""Estimates as users read them: ranked neuron objects (API.md's shape) and run metadata."""
+"""Estimates as users read them: ranked neuron objects (docs/API.md's shape) and run metadata."""
 
 from __future__ import annotations
 
