@@ -338,8 +338,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"  {data['iterations']} permutations, {data['evaluations']} evaluations, "
                   f"{data['players'] - data['undecided']}/{data['players']} decided, {data['elapsed_s']:.1f}s",
                   file=sys.stderr)
-        elif kind == "state":
-            print(f"job {job['id']} {data['state']}", file=sys.stderr)
+        elif kind == "state" and data["state"] != state:  # the stream starts with the state already shown
+            state = data["state"]
+            print(f"job {job['id']} {state}", file=sys.stderr)
         elif kind == "done":
             state = data["state"]
     final = client.job(job["id"])
