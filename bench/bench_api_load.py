@@ -14,8 +14,9 @@ from its live state on the bus (Redis, or memory in the embedded default),
 a *finished* one from the database. Both are measured, on the two
 deployments the service supports, in one run:
 
-* **full stack**: PostgreSQL (a fresh schema), Redis (database 12) as broker
-  and bus, one Celery worker process;
+* **full stack**: PostgreSQL (a fresh schema), Redis (database 13, a queue
+  and key prefix of this run's own) as broker and bus, one Celery worker
+  process;
 * **embedded default**: SQLite and the in-process bus and queue; the job runs
   on a thread of the API process itself.
 
@@ -55,24 +56,19 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import httpx
 import numpy as np
-import redis
 
 from neuronshap.client import Client
 from app.core.config import Settings
 from app.core.db import migrate
 from bench.bench_estimator import machine_lines, out, section, table
 from examples.digits import DigitsCNN, export_onnx, load_digits_split, save_eval_npz, train
-from tests.conftest import REDIS, postgres_schema
-from tests.stacks import api_process, settings_env, worker_process
+from tests.harness.services import REDIS_URL, namespace, postgres_schema
+from tests.harness.stacks import api_process, settings_env, worker_process
 
-# This benchmark owns these Redis databases (broker and bus) and empties them; the quick run (the test suite's
-# smoke test) has its own, so that it cannot take a full run's queued jobs.
-REDIS_DB = {"full": 12, "quick": 11}
 LONG_SPEC = {"metric": {"name": "accuracy"},
              "estimator": {"mode": "all", "half_width": 1e-6, "truncation": 0, "max_seconds": 600}}
 KINDS = ("job (running)", "job (finished)", "neurons (running)", "neurons (finished)", "list jobs")
@@ -140,16 +136,21 @@ def write_fixture(directory: Path, scale: Scale) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def full_stack(tmp: Path, redis_url: str) -> Iterator[Deployment]:
-    redis.Redis.from_url(redis_url).flushdb()
-    with postgres_schema() as database_url:
-        settings = Settings(data_dir=tmp, database_url=database_url, broker_url=redis_url, redis_url=redis_url,
-                            blob_dir=tmp / "blobs", migrate_on_start=False)
-        migrate(database_url)
-        with worker_process(settings, tmp / "worker.log") as worker, \
-                api_process(settings_env(settings), tmp / "api.log") as (url, api):
-            yield Deployment("full stack: PostgreSQL + Redis + 1 Celery worker process", url, api, worker,
-                             tmp / "api.log")
+def full_stack(tmp: Path) -> Iterator[Deployment]:
+    """The broker queue and bus keys are this run's own (a namespace): a full run and the test suite's quick one
+    can share the Redis database without taking each other's jobs."""
+    ns = namespace()
+    try:
+        with postgres_schema() as database_url:
+            settings = Settings(data_dir=tmp, database_url=database_url, broker_url=REDIS_URL, redis_url=REDIS_URL,
+                                blob_dir=tmp / "blobs", migrate_on_start=False, **ns.settings())
+            migrate(database_url)
+            with worker_process(settings, tmp / "worker.log") as worker, \
+                    api_process(settings_env(settings), tmp / "api.log") as (url, api):
+                yield Deployment("full stack: PostgreSQL + Redis + 1 Celery worker process", url, api, worker,
+                                 tmp / "api.log")
+    finally:
+        ns.drop()
 
 
 @contextlib.contextmanager
@@ -335,8 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.monotonic()
         model, data = write_fixture(root, scale)
         out(f"fixture: digits CNN (112 neurons), {scale.epochs} epochs, written in {time.monotonic() - t:.1f} s")
-        full = partial(full_stack, redis_url=f"{REDIS}/{REDIS_DB[scale.name]}")
-        for name, stack in (("full", full), ("embedded", embedded_stack)):
+        for name, stack in (("full", full_stack), ("embedded", embedded_stack)):
             (root / name).mkdir()
             with stack(root / name) as deployment:
                 errors += measure(deployment, model, data, scale, clients, duration_s)

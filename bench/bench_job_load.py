@@ -12,7 +12,8 @@ pipeline submits ends in exactly one terminal state, its result is stored
 once, and nothing is left queued or running, even when a worker dies with
 jobs in hand. This runs the production shape on one machine (the API as its
 own ``neuronshap serve`` process, PostgreSQL in a fresh schema, Redis
-database 10 as broker and bus, two ``neuronshap worker`` processes), and:
+database 13 as broker and bus in a queue and key prefix of this run's own,
+two ``neuronshap worker`` processes), and:
 
 * N clients, spread over 4 tenants (API keys required), each submit their
   share of the jobs at once and then poll each job until it ends, as an MLOps
@@ -65,7 +66,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import redis
 from sqlalchemy import func, select
 
 from neuronshap.client import Client, ServiceError
@@ -75,10 +75,10 @@ from app.jobs.models import Job, JobAblation, JobCheckpoint, JobNeuron
 from app.keys.service import create_key
 from bench.bench_estimator import machine_lines, out, section, table
 from examples.digits import export_onnx, load_digits_split, save_eval_npz, train
-from tests.conftest import REDIS, TinyCNN, postgres_schema, seeded
-from tests.stacks import api_process, settings_env, worker_process
+from tests.harness.models import TinyCNN, seeded
+from tests.harness.services import REDIS_URL, namespace, postgres_schema
+from tests.harness.stacks import api_process, settings_env, worker_process
 
-REDIS_DB = 10  # this benchmark's broker and bus; emptied at the start
 TENANTS = ("alpha", "beta", "gamma", "delta")
 TERMINAL = ("succeeded", "failed", "cancelled")
 # What each kind of job must end as.
@@ -347,16 +347,19 @@ def main(argv: list[str] | None = None) -> int:
     for line in machine_lines():
         out(line)
 
-    redis_url = f"{REDIS}/{REDIS_DB}"
-    redis.Redis.from_url(redis_url).flushdb()
-    with tempfile.TemporaryDirectory(prefix="neuronshap-load-") as tmp_name, postgres_schema() as database_url:
+    # The broker queue and the bus keys are this run's own (a namespace, dropped at the end): runs beside this one,
+    # the test suite's included, keep their jobs.
+    ns = namespace()
+    with tempfile.TemporaryDirectory(prefix="neuronshap-load-") as tmp_name, postgres_schema() as database_url, \
+            contextlib.ExitStack() as cleanup:
+        cleanup.callback(ns.drop)
         tmp = Path(tmp_name)
         model, data = write_fixture(tmp)
-        settings = Settings(data_dir=tmp, database_url=database_url, broker_url=redis_url, redis_url=redis_url,
+        settings = Settings(data_dir=tmp, database_url=database_url, broker_url=REDIS_URL, redis_url=REDIS_URL,
                             blob_dir=tmp / "blobs", migrate_on_start=False, require_api_keys=True,
                             max_active_jobs_per_tenant=scale.jobs,
                             lease_s=3, reconcile_interval_s=1, requeue_after_s=10, checkpoint_interval_s=1,
-                            cancel_poll_s=0.5)
+                            cancel_poll_s=0.5, **ns.settings())
         migrate(database_url)
         with session_factory(database_url)() as session:
             keys = {tenant: create_key(session, tenant)[1] for tenant in TENANTS}

@@ -18,8 +18,9 @@ interval, checked after each round of the estimator).
 Jobs run for real: rows are inserted in PostgreSQL (a fresh schema) as the
 API inserts them, their uploads put in the blob store, and
 ``worker.runner.run_job`` runs them in this process against Redis
-(database 12), as a worker does. The runner times each publication (building
-the ranked neurons, serialising, the Redis calls) and records the total as
+(database 13, keys under a prefix of this run's own), as a worker does. The
+runner times each publication (building the ranked neurons, serialising, the
+Redis calls) and records the total as
 ``publish_s`` in the job's summary; the bus counts the publications (its
 ``set_live`` calls, one per publication). Two models: the digits CNN (112
 neurons) and the wide CNN (1,040 neurons, whose snapshot is ten times
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -71,12 +73,11 @@ from app.jobs.schemas import Progress
 from app.jobs.spec import JobSpec
 from bench.bench_estimator import machine_lines, out, section, table
 from examples.digits import DigitsCNN, WideDigitsCNN, export_onnx, load_digits_split, save_eval_npz, train
-from tests.conftest import REDIS, postgres_schema
+from tests.harness.services import REDIS_URL, namespace, postgres_schema
 from worker.runner import now, run_job
 from worker.shapley import MetricSpec, NeuronGame, TMABConfig, load_data, load_model, run_tmab
 from worker.shapley import Progress as RoundProgress
 
-REDIS_DB = 12  # keys are per job (random ids), so runs beside others need no emptying
 TARGET_SHARE = 0.02
 DEFAULT_INTERVAL = Settings.model_fields["publish_interval_s"].default
 OFF = 1e9  # an interval longer than any run: the runner never publishes live state
@@ -139,12 +140,13 @@ class Run:
 
 
 class Bench:
-    """One database, blob store and Redis database; a job per call of :meth:`run`."""
+    """One database, blob store and Redis namespace (bus keys of this run's own); a job per call of :meth:`run`."""
 
     def __init__(self, root: Path, database_url: str, batch_size: int) -> None:
         self.root, self.database_url, self.batch_size = root, database_url, batch_size
         self.store = BlobStore(root / "blobs")
-        self.redis_url = f"{REDIS}/{REDIS_DB}"
+        self.redis_url = REDIS_URL
+        self.namespace = namespace()
 
     def upload(self, path: Path) -> str:
         async def chunks() -> AsyncIterator[bytes]:
@@ -179,7 +181,7 @@ class Bench:
     def run(self, model: Model, data_blob: str, interval: float, budget: dict) -> Run:
         """A job resumed from the model's warm-up checkpoint; ``budget`` counts from the checkpoint."""
         settings = Settings(data_dir=self.root, database_url=self.database_url, redis_url=self.redis_url,
-                            blob_dir=self.store.root, publish_interval_s=interval)
+                            blob_dir=self.store.root, publish_interval_s=interval, **self.namespace.settings())
         estimator = {"batch_size": self.batch_size}
         if "max_seconds" in budget:
             estimator["max_seconds"] = model.warm_s + budget["max_seconds"]
@@ -310,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
         out(line)
     out("Jobs run in this process; PostgreSQL and Redis run on the same machine, and other processes may share "
         "its CPUs.")
-    with tempfile.TemporaryDirectory(prefix="bench-publish-") as tmp, postgres_schema() as database_url:
+    with tempfile.TemporaryDirectory(prefix="bench-publish-") as tmp, postgres_schema() as database_url, \
+            contextlib.ExitStack() as cleanup:
         root = Path(tmp)
         migrate(database_url)
         t = time.monotonic()
@@ -318,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         out(f"trained and exported in {time.monotonic() - t:.1f} s; eval set: "
             f"{scale.eval_examples or 'all 450'} test examples, batches of {args.batch_size}")
         bench = Bench(root, database_url, args.batch_size)
+        cleanup.callback(bench.namespace.drop)
         data_blob = bench.upload(data)
         models = []
         for label, path in paths.items():

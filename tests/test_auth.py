@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,15 +9,8 @@ import sys
 from app.core.db import session_factory
 from app.keys.models import ApiKey
 from app.keys.service import create_key, revoke_key
-from tests import stacks
-from tests.test_service_api import LONG, QUICK, problem
-
-
-def post(stack, saved, spec: dict, key: str | None):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return stack.client.post("/v1/jobs", files={"model": (saved.onnx.name, saved.onnx.read_bytes()),
-                                                "data": (saved.npz.name, saved.npz.read_bytes())},
-                             data={"spec": json.dumps(spec)}, headers=headers)
+from tests.harness import stacks
+from tests.harness.jobs import LONG, QUICK, post_job, problem
 
 
 def test_keys_scope_jobs_to_their_tenant_and_revoked_keys_stop_working(tmp_path, tiny_cnn):
@@ -29,23 +21,24 @@ def test_keys_scope_jobs_to_their_tenant_and_revoked_keys_stop_working(tmp_path,
             stored = session.get(ApiKey, a_id)
             assert stored.secret_hash not in a and a.split("_", 2)[2] not in stored.secret_hash  # only a hash
 
-        body = problem(post(stack, tiny_cnn, QUICK, None), 401)
+        body = problem(post_job(stack.client, tiny_cnn, QUICK), 401)
         assert "Bearer" in body["detail"]
-        assert post(stack, tiny_cnn, QUICK, None).headers["WWW-Authenticate"] == "Bearer"
-        problem(post(stack, tiny_cnn, QUICK, a[:-2] + "xx"), 401)  # right id, wrong secret
-        problem(post(stack, tiny_cnn, QUICK, "nsk_000000000000_" + "x" * 43), 401)
+        assert post_job(stack.client, tiny_cnn, QUICK).headers["WWW-Authenticate"] == "Bearer"
+        problem(post_job(stack.client, tiny_cnn, QUICK, key=a[:-2] + "xx"), 401)  # right id, wrong secret
+        problem(post_job(stack.client, tiny_cnn, QUICK, key="nsk_000000000000_" + "x" * 43), 401)
         problem(stack.client.get("/v1/jobs"), 401)
 
         as_a = {"Authorization": f"Bearer {a}"}
         as_b = {"Authorization": f"Bearer {b}"}
-        r = post(stack, tiny_cnn, LONG, a)
+        r = post_job(stack.client, tiny_cnn, LONG, key=a)
         assert r.status_code == 202
         job = r.json()
         # Tenant A is at its cap of one active job.
-        capped = post(stack, tiny_cnn, QUICK, a)
+        capped = post_job(stack.client, tiny_cnn, QUICK, key=a)
         problem(capped, 429)
         assert capped.headers["Retry-After"] == "30"
-        assert post(stack, tiny_cnn, QUICK | {"estimator": {"top_k": 3, "max_iterations": 4}}, b).status_code == 202
+        other = post_job(stack.client, tiny_cnn, QUICK | {"estimator": {"top_k": 3, "max_iterations": 4}}, key=b)
+        assert other.status_code == 202
 
         problem(stack.client.get(f"/v1/jobs/{job['id']}", headers=as_b), 404)  # another tenant's job does not exist
         problem(stack.client.post(f"/v1/jobs/{job['id']}/cancel", headers=as_b), 404)

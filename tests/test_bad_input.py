@@ -10,7 +10,7 @@ from examples.digits import DigitsCNN
 from worker.shapley import (
     DataError, MetricSpec, ModelError, NeuronGame, SpecError, TMABConfig, load_data, load_model, run_tmab,
 )
-from tests.conftest import write_npz
+from tests.harness.models import write_npz
 
 
 def game(saved, npz=None, metric=MetricSpec("accuracy"), **kwargs) -> NeuronGame:

@@ -6,19 +6,21 @@ import threading
 import time
 
 import pytest
-import redis
 
 from app.core.bus import MemoryBus, RedisBus
-from tests.conftest import REDIS
-from tests.stacks import REDIS_DB
+from tests.harness.services import REDIS_URL, namespace
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.service)])
 def bus(request):
     if request.param == "memory":
-        return MemoryBus()
-    redis.Redis.from_url(f"{REDIS}/{REDIS_DB}").flushdb()
-    return RedisBus(f"{REDIS}/{REDIS_DB}", "ns:")
+        yield MemoryBus()
+        return
+    ns = namespace()  # job ids "j", "j1" are the same in every test: the namespace keeps this test's apart
+    try:
+        yield RedisBus(REDIS_URL, ns.prefix)
+    finally:
+        ns.drop()
 
 
 def test_events_are_read_in_order_and_after_a_given_id(bus):

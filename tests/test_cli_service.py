@@ -7,26 +7,18 @@ with exactly the values of an uninterrupted run with the same seed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.stacks import ROOT, api_process
+from tests.harness.jobs import QUICK
+from tests.harness.stacks import ROOT, serve
 
-QUICK = {"metric": {"name": "accuracy"}, "estimator": {"top_k": 3, "max_iterations": 40, "seed": 1, "batch_size": 64}}
-
-
-@contextlib.contextmanager
-def serve(data_dir: Path, **env: str) -> Iterator[str]:
-    """The embedded service on ``data_dir`` as its own process; yields its URL."""
-    with api_process({"NEURONSHAP_DATA_DIR": str(data_dir)} | env, data_dir / "serve.log") as (url, _):
-        yield url
+pytestmark = pytest.mark.service  # a served API: `neuronshap serve` as a process
 
 
 def neuronshap(*args: str, url: str) -> subprocess.CompletedProcess:
@@ -68,6 +60,7 @@ def test_submit_wait_status_and_neurons_against_a_running_service(tmp_path, tiny
     assert gone.returncode == 1 and "cannot reach the service" in gone.stderr
 
 
+@pytest.mark.slow
 def test_stopping_the_service_mid_job_resumes_it_to_the_uninterrupted_result(tmp_path, tiny_cnn):
     spec = {"metric": {"name": "accuracy"},
             "estimator": {"mode": "all", "half_width": 1e-6, "truncation": 0, "max_iterations": 800,

@@ -15,8 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.stacks import ROOT
-from tests.test_cli_service import serve
+import pytest
+
+from tests.harness.stacks import ROOT, serve
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 
 def test_fuzzing_the_schema_finds_no_server_error_and_no_schema_violation(tmp_path):

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from examples.digits import train
-from tests.conftest import save, seeded
+from tests.harness.models import save, seeded
 from worker.shapley import MetricSpec, NeuronGame, TMABConfig, load_data, load_model, run_tmab
 from worker.shapley.grouped import GroupedSuffix
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import socket
 import zipfile
@@ -11,10 +10,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
-from tests import stacks
-from tests.test_cli_service import serve
-from tests.test_service_api import QUICK, problem
+from tests.harness import stacks
+from tests.harness.jobs import post_job, problem
+from tests.harness.stacks import serve
 
 
 class WritesAFile:
@@ -40,7 +40,7 @@ def test_no_upload_runs_code(tmp_path, tiny_cnn):
     onnx = (tiny_cnn.onnx.name, tiny_cnn.onnx.read_bytes())
     with stacks.embedded(tmp_path / "svc") as stack:
         def post(model, data=npz):
-            return stack.client.post("/v1/jobs", files={"model": model, "data": data}, data={"spec": json.dumps(QUICK)})
+            return post_job(stack.client, model=model, data=data)
 
         for name in ("model.pt", "model.pth", "model.pkl", "model.bin", "model.ckpt"):
             assert "pickle" in problem(post((name, payload)), 415, "model")["detail"]
@@ -57,20 +57,17 @@ def test_an_npz_that_unpacks_past_the_limit_is_refused(tmp_path, tiny_cnn):
     np.savez_compressed(bomb, inputs=np.zeros((3000, 1, 64, 64), np.float32), labels=np.zeros(3000, np.int64))
     assert len(bomb.getvalue()) < 1 << 20  # ~50 MB of zeros in well under 1 MB
     with stacks.embedded(tmp_path, max_data_bytes=8 << 20) as stack:
-        r = stack.client.post("/v1/jobs", files={"model": (tiny_cnn.onnx.name, tiny_cnn.onnx.read_bytes()),
-                                                 "data": ("eval.npz", bomb.getvalue())},
-                              data={"spec": json.dumps(QUICK)})
+        r = post_job(stack.client, tiny_cnn, data=("eval.npz", bomb.getvalue()))
         assert "unpacks to" in problem(r, 413, "data")["detail"]
         entries = io.BytesIO()
         with zipfile.ZipFile(entries, "w") as zf:
             for i in range(40):
                 zf.writestr(f"junk{i}.npy", b"")
-        r = stack.client.post("/v1/jobs", files={"model": (tiny_cnn.onnx.name, tiny_cnn.onnx.read_bytes()),
-                                                 "data": ("eval.npz", entries.getvalue())},
-                              data={"spec": json.dumps(QUICK)})
+        r = post_job(stack.client, tiny_cnn, data=("eval.npz", entries.getvalue()))
         problem(r, 422, "data")
 
 
+@pytest.mark.service  # a served API: the body is refused by the server process before it is read
 def test_an_oversized_body_is_refused_before_it_is_read(tmp_path):
     env = {"NEURONSHAP_MAX_MODEL_BYTES": "1000", "NEURONSHAP_MAX_DATA_BYTES": "1000", "NEURONSHAP_MAX_SPEC_BYTES": "1000"}
     with serve(tmp_path, **env) as url:

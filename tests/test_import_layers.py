@@ -13,12 +13,13 @@ torch and no worker module until a job runs.
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.harness.imports import imported_names as names_in
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,18 +34,7 @@ FORBIDDEN = {
 
 def imported_names(path: Path) -> set[str]:
     """Absolute module names a file imports (relative imports resolved against its package)."""
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                names.add(".".join([*base, node.module] if node.module else base))
-            else:
-                names.add(node.module or "")
-    return names
+    return names_in(path, ROOT)
 
 
 def violations(directory: str, forbidden: set[str]) -> list[str]:

@@ -10,10 +10,10 @@ from sqlalchemy import create_engine
 from app.core.db import Base, migrate
 import app.jobs.models  # noqa: F401  (registers the tables on Base.metadata)
 import app.keys.models  # noqa: F401
-from tests.conftest import postgres_schema
+from tests.harness.services import postgres_schema
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.service)])
 def database_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'm.db'}"

@@ -103,7 +103,7 @@ def test_mean_ablation_fills_the_channel_mean_of_the_intact_model(tiny_cnn):
 
 def test_dead_neurons_get_zero_and_duplicated_neurons_equal_values(tiny_mlp, tmp_path):
     """A network built with known structure: two dead hidden units, two identical ones."""
-    from tests.conftest import TinyMLP, save
+    from tests.harness.models import TinyMLP, save
 
     model = TinyMLP()
     model.load_state_dict(tiny_mlp.module.state_dict())
@@ -132,6 +132,7 @@ def test_group_metrics_draw_every_group_into_every_batch(tiny_mlp):
             assert set(sample.groups[lane].tolist()) == {0, 1}
 
 
+@pytest.mark.slow
 def test_digits_cnn_top10_matches_reference_and_removing_it_hurts_most(small_cnn):
     """The paper's headline at small scale: the bandit's top-10 are truly top, and matter far more."""
     game = NeuronGame(load_model(small_cnn.pt2), load_data(small_cnn.npz), MetricSpec("accuracy"), batch_size=128)

@@ -28,10 +28,12 @@ from app.core.config import Settings
 from app.core.db import migrate
 from app.jobs.models import JobNeuron
 from app.main import create_app
-from tests import stacks
-from tests.conftest import REDIS, postgres_schema
-from tests.stacks import free_port
+from tests.harness import stacks
+from tests.harness.jobs import post_job
+from tests.harness.services import REDIS_URL, namespace, postgres_schema
+from tests.harness.stacks import free_port
 
+pytestmark = [pytest.mark.service, pytest.mark.slow]
 POSTGRES_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
 
 
@@ -67,12 +69,10 @@ def test_a_job_survives_a_redis_restart(tmp_path, tiny_cnn):
             spec = {"metric": {"name": "accuracy"},
                     "estimator": {"mode": "all", "half_width": 1e-6, "truncation": 0, "max_iterations": 1500,
                                   "seed": 2, "batch_size": 32}}
-            files = {"model": (tiny_cnn.onnx.name, tiny_cnn.onnx.read_bytes()),
-                     "data": (tiny_cnn.npz.name, tiny_cnn.npz.read_bytes())}
             with stacks.worker_process(settings, tmp_path / "worker.log"), \
                     TestClient(create_app(settings)) as client:
                 stack = stacks.Stack("full", settings, client, tmp_path / "worker.log")
-                job = client.post("/v1/jobs", files=files, data={"spec": json.dumps(spec)}).json()
+                job = post_job(client, tiny_cnn, spec).json()
                 stack.wait(job["id"], ("running",))
                 stop_redis(port)
                 # Meanwhile: honest answers from the database, never a 500.
@@ -86,8 +86,7 @@ def test_a_job_survives_a_redis_restart(tmp_path, tiny_cnn):
                 done = stack.wait(job["id"], ("succeeded", "failed"), timeout=180)
                 assert done["state"] == "succeeded" and done["progress"]["iterations"] == 1500
                 # The worker is back on the broker: a new job runs.
-                after = client.post("/v1/jobs", files=files,
-                                    data={"spec": json.dumps(spec | {"estimator": {"top_k": 3, "max_iterations": 8}})})
+                after = post_job(client, tiny_cnn, spec | {"estimator": {"top_k": 3, "max_iterations": 8}})
                 assert stack.wait(after.json()["id"], ("succeeded", "failed"), timeout=120)["state"] == "succeeded"
                 assert client.get("/readyz").status_code == 200
     finally:
@@ -142,11 +141,11 @@ def test_a_job_survives_a_postgres_restart(tmp_path, tiny_cnn):
     writes it once the database is back; meanwhile the API answers 503 with Retry-After (never a 500) and a client
     polling the job waits the outage out."""
     postgres = PrivatePostgres()
+    ns = namespace()
     try:
         postgres.start()
-        redis.Redis.from_url(f"{REDIS}/{stacks.REDIS_DB}").flushdb()
-        settings = Settings(data_dir=tmp_path, database_url=postgres.url, broker_url=f"{REDIS}/{stacks.REDIS_DB}",
-                            redis_url=f"{REDIS}/{stacks.REDIS_DB}", blob_dir=tmp_path / "blobs", **stacks.FAST)
+        settings = Settings(data_dir=tmp_path, database_url=postgres.url, broker_url=REDIS_URL, redis_url=REDIS_URL,
+                            blob_dir=tmp_path / "blobs", **(stacks.FAST | ns.settings()))
         migrate(postgres.url)
         env = stacks.settings_env(settings) | {"NEURONSHAP_MIGRATE_ON_START": "false"}
         worker_log = tmp_path / "worker.log"
@@ -197,6 +196,7 @@ def test_a_job_survives_a_postgres_restart(tmp_path, tiny_cnn):
             assert httpx.get(f"{url}/readyz").status_code == 200
     finally:
         postgres.remove()
+        ns.drop()
 
 
 def follow(client: Client, job_id: str) -> dict:

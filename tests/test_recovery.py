@@ -17,18 +17,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
-from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from app.core.bus import MemoryBus
 from app.core.config import Settings
-from app.core.db import migrate, session_factory
+from app.core.db import session_factory
 from app.core.queue import CeleryQueue
 from app.jobs.models import Job, JobCheckpoint
 from app.jobs.recovery import reconcile
-from app.main import create_app
-from tests import stacks
-from tests.conftest import REDIS, postgres_schema
+from tests.harness import stacks
+from tests.harness.jobs import submit
 from worker.runner import run_job
 
 RECOVER_FAST = {"lease_s": 2.0, "reconcile_interval_s": 0.5, "requeue_after_s": 1.0, "checkpoint_interval_s": 0.2,
@@ -40,23 +38,9 @@ SPEC = {"metric": {"name": "accuracy"},
 
 @pytest.fixture
 def cluster(tmp_path):
-    """PostgreSQL + Redis + an API in this process; workers are started by the test."""
-    redis.Redis.from_url(f"{REDIS}/{stacks.REDIS_DB}").flushdb()
-    with postgres_schema() as url:
-        settings = Settings(data_dir=tmp_path, database_url=url, broker_url=f"{REDIS}/{stacks.REDIS_DB}",
-                            redis_url=f"{REDIS}/{stacks.REDIS_DB}", blob_dir=tmp_path / "blobs",
-                            migrate_on_start=False, **(stacks.FAST | RECOVER_FAST))
-        migrate(url)
-        with TestClient(create_app(settings)) as client:
-            yield stacks.Stack("full", settings, client, tmp_path / "worker.log")
-
-
-def post(stack: stacks.Stack, saved, spec: dict) -> dict:
-    r = stack.client.post("/v1/jobs", files={"model": (saved.onnx.name, saved.onnx.read_bytes()),
-                                             "data": (saved.npz.name, saved.npz.read_bytes())},
-                          data={"spec": json.dumps(spec)})
-    assert r.status_code == 202, r.text
-    return r.json()
+    """PostgreSQL + Redis (this stack's namespace) + an API in this process; workers are started by the test."""
+    with stacks.full(tmp_path, worker=False, **RECOVER_FAST) as stack:
+        yield stack
 
 
 def checkpoint_iterations(settings: Settings, job_id: str) -> int | None:
@@ -65,13 +49,15 @@ def checkpoint_iterations(settings: Settings, job_id: str) -> int | None:
         return None if row is None else row.iterations
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_a_job_whose_worker_is_killed_resumes_on_another_and_ends_as_if_uninterrupted(cluster, tiny_cnn, tmp_path):
     env = stacks.settings_env(cluster.settings)
     log = open(tmp_path / "worker-a.log", "wb")
     first = subprocess.Popen([sys.executable, "-m", "neuronshap", "worker", "--name", "a"], cwd=stacks.ROOT,
                              env=os.environ | env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        job = post(cluster, tiny_cnn, SPEC)
+        job = submit(cluster.client, tiny_cnn, SPEC)
         for _ in range(600):
             saved_at = checkpoint_iterations(cluster.settings, job["id"])
             if saved_at and saved_at >= 100:
@@ -90,15 +76,16 @@ def test_a_job_whose_worker_is_killed_resumes_on_another_and_ends_as_if_uninterr
         resumed = cluster.wait(job["id"], ("succeeded", "failed"), timeout=180)
         assert resumed["state"] == "succeeded" and resumed["progress"]["iterations"] == 800
         assert resumed["summary"]["resumed_from_iteration"] >= saved_at  # from the checkpoint, not from zero
-        fresh = post(cluster, tiny_cnn, SPEC)
+        fresh = submit(cluster.client, tiny_cnn, SPEC)
         cluster.wait(fresh["id"], ("succeeded",), timeout=180)
     a = cluster.client.get(f"/v1/jobs/{job['id']}/neurons").json()["items"]
     b = cluster.client.get(f"/v1/jobs/{fresh['id']}/neurons").json()["items"]
     assert a == b  # same seed, same values, bounds and samples as the uninterrupted run
 
 
+@pytest.mark.service
 def test_a_job_saved_but_never_queued_is_sent_by_the_reconciler(cluster, tiny_cnn):
-    template = post(cluster, tiny_cnn, SPEC | {"estimator": {"top_k": 3, "max_iterations": 8, "seed": 1}})
+    template = submit(cluster.client, tiny_cnn, SPEC | {"estimator": {"top_k": 3, "max_iterations": 8, "seed": 1}})
     with session_factory(cluster.settings.resolved_database_url)() as session:
         source = session.get(Job, template["id"])
         # As if the API died right after its commit: a queued job, recorded as sent, that no message announces.
@@ -114,13 +101,15 @@ def test_a_job_saved_but_never_queued_is_sent_by_the_reconciler(cluster, tiny_cn
         assert cluster.wait(template["id"], ("succeeded", "failed"), timeout=120)["state"] == "succeeded"
 
 
+@pytest.mark.service
 def test_the_reconciler_sends_again_only_jobs_whose_message_is_not_in_the_queue(cluster, tiny_cnn):
     """A deep queue is not a lost message: resending every job that waits longer than REQUEUE_AFTER_S would flood
     the queue with duplicates (each resent again and again while it waits)."""
     queue = CeleryQueue(cluster.settings.broker_url, cluster.settings.queue_name)
-    waiting = [post(cluster, tiny_cnn, SPEC)["id"] for _ in range(3)]  # no worker runs: their messages stay queued
-    lost = post(cluster, tiny_cnn, SPEC)["id"]
-    redis.Redis.from_url(cluster.settings.broker_url).lrem("jobs", 1, _message_of(cluster.settings.broker_url, lost))
+    waiting = [submit(cluster.client, tiny_cnn, SPEC)["id"] for _ in range(3)]  # no worker: their messages wait
+    lost = submit(cluster.client, tiny_cnn, SPEC)["id"]
+    broker = redis.Redis.from_url(cluster.settings.broker_url)
+    broker.lrem(cluster.settings.queue_name, 1, _message_of(cluster.settings, lost))
     assert queue.waiting() == set(waiting)
     long_ago = datetime.now(UTC) - timedelta(hours=1)
     with session_factory(cluster.settings.resolved_database_url)() as session:
@@ -131,14 +120,15 @@ def test_the_reconciler_sends_again_only_jobs_whose_message_is_not_in_the_queue(
     assert reconcile(cluster.settings, queue, MemoryBus()) == []  # sent once, not again at every round
 
 
-def _message_of(broker_url: str, job_id: str) -> bytes:
-    return next(m for m in redis.Redis.from_url(broker_url).lrange("jobs", 0, -1)
+def _message_of(settings: Settings, job_id: str) -> bytes:
+    return next(m for m in redis.Redis.from_url(settings.broker_url).lrange(settings.queue_name, 0, -1)
                 if job_id.encode() in base64.b64decode(json.loads(m)["body"]))
 
 
 def test_a_second_delivery_of_a_running_job_does_not_run_it(tmp_path, tiny_cnn):
     with stacks.embedded(tmp_path) as stack:
-        job = post(stack, tiny_cnn, SPEC | {"estimator": {"mode": "all", "half_width": 1e-6, "max_seconds": 120}})
+        job = submit(stack.client, tiny_cnn,
+                     SPEC | {"estimator": {"mode": "all", "half_width": 1e-6, "max_seconds": 120}})
         stack.wait(job["id"], ("running",))
         assert run_job(job["id"], stack.settings, MemoryBus()) is None  # the lease is held: this copy skips
         with session_factory(stack.settings.resolved_database_url)() as session:
@@ -148,12 +138,13 @@ def test_a_second_delivery_of_a_running_job_does_not_run_it(tmp_path, tiny_cnn):
         assert stack.wait(job["id"], ("cancelled",), timeout=30)["state"] == "cancelled"
 
 
+@pytest.mark.service
 def test_cancelling_a_job_with_partial_estimates_keeps_them_whatever_became_of_its_worker(cluster, tiny_cnn):
     """Partial estimates live in a job's checkpoint. Cancelled while queued after its worker shut down, or left
     cancelling by a worker that died, such a job goes to a worker that stores those estimates and ends it; a job
     with nothing saved ends at once. Either way no checkpoint outlives the job's end."""
     settings = cluster.settings
-    handed_back, abandoned, bare = (post(cluster, tiny_cnn, SPEC)["id"] for _ in range(3))
+    handed_back, abandoned, bare = (submit(cluster.client, tiny_cnn, SPEC)["id"] for _ in range(3))
     for job_id in (handed_back, abandoned):
         started = time.monotonic()
         assert run_job(job_id, settings, MemoryBus(), should_exit=lambda: time.monotonic() - started > 1) == "queued"
@@ -166,7 +157,7 @@ def test_cancelling_a_job_with_partial_estimates_keeps_them_whatever_became_of_i
             state="cancelling", cancel_requested=True, lease_owner="dead",
             lease_expires_at=datetime.now(UTC) - timedelta(seconds=1)))
         session.commit()
-    redis.Redis.from_url(settings.broker_url).delete("jobs")  # their messages went with the dead worker
+    redis.Redis.from_url(settings.broker_url).delete(settings.queue_name)  # the messages went with the dead worker
     sent = reconcile(settings, CeleryQueue(settings.broker_url, settings.queue_name), MemoryBus())
     assert abandoned in sent and bare not in sent
     assert cluster.client.get(f"/v1/jobs/{bare}").json()["state"] == "cancelled"

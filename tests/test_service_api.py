@@ -13,28 +13,15 @@ import json
 import numpy as np
 import pytest
 
-from tests import stacks
-
-QUICK = {"metric": {"name": "accuracy"}, "estimator": {"top_k": 3, "max_iterations": 40, "seed": 1, "batch_size": 64}}
-# Never converges (mode all, a half-width no run reaches): runs until cancelled or its 300 s budget.
-LONG = {"metric": {"name": "accuracy"}, "estimator": {"mode": "all", "half_width": 1e-6, "truncation": 0,
-                                                      "max_seconds": 300, "batch_size": 32}}
+from tests.harness import stacks
+from tests.harness.jobs import LONG, QUICK, post_job, problem, submit
 
 
-@pytest.fixture(scope="module", params=["embedded", "full"])
+@pytest.fixture(scope="module", params=["embedded", pytest.param("full", marks=pytest.mark.service)])
 def stack(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     with getattr(stacks, request.param)(tmp) as s:
         yield s
-
-
-def submit(stack, saved, spec: dict | str, *, model=None, data=None, headers=None, expect=202) -> dict:
-    model = model or (saved.onnx.name, saved.onnx.read_bytes())
-    data = data or (saved.npz.name, saved.npz.read_bytes())
-    r = stack.client.post("/v1/jobs", files={"model": model, "data": data},
-                          data={"spec": spec if isinstance(spec, str) else json.dumps(spec)}, headers=headers or {})
-    assert r.status_code == expect, r.text
-    return r.json()
 
 
 def events(stack, job_id: str, last_event_id: str | None = None) -> list[tuple[str | None, str, dict]]:
@@ -59,20 +46,8 @@ def events(stack, job_id: str, last_event_id: str | None = None) -> list[tuple[s
     return out
 
 
-def problem(r, status: int, field: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/problem+json")
-    body = r.json()
-    assert {"type", "title", "status", "detail"} <= body.keys() and body["status"] == status
-    if field is not None:
-        assert body.get("field") == field, body
-    return body
-
-
 def test_a_job_runs_to_its_ranked_neurons_events_and_ablation_check(stack, tiny_cnn):
-    r = stack.client.post("/v1/jobs", files={"model": (tiny_cnn.onnx.name, tiny_cnn.onnx.read_bytes()),
-                                             "data": (tiny_cnn.npz.name, tiny_cnn.npz.read_bytes())},
-                          data={"spec": json.dumps(QUICK | {"name": "tiny"})})
+    r = post_job(stack.client, tiny_cnn, QUICK | {"name": "tiny"})
     assert r.status_code == 202, r.text
     job = r.json()
     assert r.headers["Location"] == f"/v1/jobs/{job['id']}" == job["links"]["self"]
@@ -118,7 +93,7 @@ def test_a_job_runs_to_its_ranked_neurons_events_and_ablation_check(stack, tiny_
 
 
 def test_live_neurons_while_running_then_cancel_keeps_partial_results_and_delete_removes_all(stack, tiny_cnn):
-    job = submit(stack, tiny_cnn, LONG)
+    job = submit(stack.client, tiny_cnn, LONG)
     stack.wait(job["id"], ("running",))
     deadline_job = None
     for _ in range(200):  # until the worker has published live bounds
@@ -148,22 +123,22 @@ def test_live_neurons_while_running_then_cancel_keeps_partial_results_and_delete
 
 
 def test_cancelling_a_queued_job_ends_it_and_a_finished_job_cannot_be_cancelled(stack, tiny_cnn):
-    blocker = submit(stack, tiny_cnn, LONG)  # one job at a time per worker: the next one waits in the queue
+    blocker = submit(stack.client, tiny_cnn, LONG)  # one job at a time per worker: the next one waits in the queue
     stack.wait(blocker["id"], ("running",))
-    queued = submit(stack, tiny_cnn, QUICK)
+    queued = submit(stack.client, tiny_cnn, QUICK)
     r = stack.client.post(f"/v1/jobs/{queued['id']}/cancel")
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
     stack.client.post(f"/v1/jobs/{blocker['id']}/cancel")
     stack.wait(blocker["id"], ("cancelled",), timeout=30)
     assert stack.client.get(f"/v1/jobs/{queued['id']}").json()["started_at"] is None  # the worker skipped it
 
-    done = submit(stack, tiny_cnn, QUICK)
+    done = submit(stack.client, tiny_cnn, QUICK)
     stack.wait(done["id"], ("succeeded",))
     problem(stack.client.post(f"/v1/jobs/{done['id']}/cancel"), 409)
 
 
 def test_jobs_are_listed_newest_first_in_pages(stack, tiny_cnn):
-    ids = [submit(stack, tiny_cnn, QUICK | {"name": f"page-{i}"})["id"] for i in range(3)]
+    ids = [submit(stack.client, tiny_cnn, QUICK | {"name": f"page-{i}"})["id"] for i in range(3)]
     for job_id in ids:
         stack.wait(job_id, ("succeeded",))
     first = stack.client.get("/v1/jobs", params={"limit": 2}).json()
@@ -187,24 +162,24 @@ def test_jobs_are_listed_newest_first_in_pages(stack, tiny_cnn):
 
 def test_idempotency_key_returns_the_same_job_and_refuses_another_payload(stack, tiny_cnn):
     key = {"Idempotency-Key": f"retry-{stack.kind}"}
-    first = submit(stack, tiny_cnn, QUICK, headers=key)
-    again = submit(stack, tiny_cnn, QUICK, headers=key)
+    first = submit(stack.client, tiny_cnn, QUICK, headers=key)
+    again = submit(stack.client, tiny_cnn, QUICK, headers=key)
     assert again["id"] == first["id"]
-    body = problem(stack.client.post("/v1/jobs", files={"model": ("m.onnx", tiny_cnn.onnx.read_bytes()),
-                                                        "data": ("d.npz", tiny_cnn.npz.read_bytes())},
-                                     data={"spec": json.dumps(QUICK | {"name": "other"})}, headers=key), 422)
+    other = post_job(stack.client, tiny_cnn, QUICK | {"name": "other"}, model=("m.onnx", tiny_cnn.onnx.read_bytes()),
+                     data=("d.npz", tiny_cnn.npz.read_bytes()), headers=key)
+    body = problem(other, 422)
     assert first["id"] in body["detail"]
     stack.wait(first["id"], ("succeeded",))
 
 
 def test_errors_found_by_the_worker_fail_the_job_with_a_message_not_a_trace(stack, tiny_cnn, digits):
-    no_layer = submit(stack, tiny_cnn, {"metric": {"name": "accuracy"}, "players": {"layers": ["block9.*"]}})
+    no_layer = submit(stack.client, tiny_cnn, {"metric": {"name": "accuracy"}, "players": {"layers": ["block9.*"]}})
     # Inputs of another shape than the model takes: found when the worker runs the model.
     x = np.zeros((20, 1, 5, 5), dtype=np.float32)
     buf = io.BytesIO()
     np.savez(buf, inputs=x, labels=np.zeros(20, dtype=np.int64))
-    wrong_shape = submit(stack, tiny_cnn, QUICK, data=("eval.npz", buf.getvalue()))
-    top_k = submit(stack, tiny_cnn, {"metric": {"name": "accuracy"}, "estimator": {"top_k": 50}})
+    wrong_shape = submit(stack.client, tiny_cnn, QUICK, data=("eval.npz", buf.getvalue()))
+    top_k = submit(stack.client, tiny_cnn, {"metric": {"name": "accuracy"}, "estimator": {"top_k": 50}})
     for job, needle in ((no_layer, "block9"), (wrong_shape, "shape"), (top_k, "top_k")):
         failed = stack.wait(job["id"], ("failed", "succeeded"))
         assert failed["state"] == "failed", failed
@@ -218,7 +193,7 @@ def test_bad_requests_get_problem_documents_naming_the_field(stack, tiny_cnn, tm
     npz = (tiny_cnn.npz.name, tiny_cnn.npz.read_bytes())
 
     def post(spec=json.dumps(QUICK), model=onnx, data=npz):
-        return stack.client.post("/v1/jobs", files={"model": model, "data": data}, data={"spec": spec})
+        return post_job(stack.client, spec=spec, model=model, data=data)
 
     assert "valid JSON" in problem(post(spec="{metric"), 422, "spec")["detail"]
     assert "accuracy" in problem(post(spec='{"metric": {"name": "f1"}}'), 422, "spec.metric.name")["detail"]
@@ -226,8 +201,7 @@ def test_bad_requests_get_problem_documents_naming_the_field(stack, tiny_cnn, tm
     problem(post(spec='{"metric": {"name": "class_recall"}}'), 422, "spec.metric")
     problem(post(spec='{"metric": {"name": "accuracy"}, "estimator": {"delta": 2}}'), 422, "spec.estimator.delta")
     problem(post(spec='{}'), 422, "spec.metric")
-    r = stack.client.post("/v1/jobs", files={"model": onnx}, data={"spec": json.dumps(QUICK)})
-    problem(r, 422, "data")
+    problem(post_job(stack.client, tiny_cnn, without=("data",)), 422, "data")
 
     assert "ONNX" in problem(post(model=("model.txt", b"hello")), 415, "model")["detail"]
     assert "pickle" in problem(post(model=("model.pt", b"\x80\x04K\x01.")), 415, "model")["detail"]
@@ -251,7 +225,7 @@ def test_bad_requests_get_problem_documents_naming_the_field(stack, tiny_cnn, tm
     problem(stack.client.post("/v1/jobs/j_nope/cancel"), 404)
     problem(stack.client.get("/v1/jobs/j_nope/events"), 404)
     problem(stack.client.get("/v2/anything"), 404)
-    job = submit(stack, tiny_cnn, QUICK)
+    job = submit(stack.client, tiny_cnn, QUICK)
     problem(stack.client.get(f"/v1/jobs/{job['id']}/neurons", params={"cursor": "x.y"}), 400, "cursor")
     problem(stack.client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "yesterday"}), 400,
             "Last-Event-ID")
@@ -260,9 +234,7 @@ def test_bad_requests_get_problem_documents_naming_the_field(stack, tiny_cnn, tm
 
 def test_uploads_over_the_limit_are_refused_with_413(tmp_path, tiny_cnn):
     with stacks.embedded(tmp_path, max_model_bytes=1000) as small:
-        r = small.client.post("/v1/jobs", files={"model": ("m.onnx", b"\x08" + b"0" * 5000),
-                                                 "data": ("d.npz", tiny_cnn.npz.read_bytes())},
-                              data={"spec": json.dumps(QUICK)})
+        r = post_job(small.client, tiny_cnn, model=("m.onnx", b"\x08" + b"0" * 5000))
         assert "1000 bytes" in problem(r, 413, "model")["detail"]
         assert not any(p.is_file() for p in small.settings.resolved_blob_dir.rglob("*"))  # nothing half-stored
 

@@ -2,7 +2,9 @@
 
 The API runs in the test process (``TestClient``); in the full stack the
 worker is a separate ``neuronshap worker`` process talking to the same
-PostgreSQL schema, Redis database and blob directory, as in production.
+PostgreSQL schema, Redis namespace (``services.namespace``: a key prefix and
+a Celery queue of the stack's own) and blob directory, as in production. The
+served API (``api_process``, ``serve``) is ``neuronshap serve`` as a process.
 """
 
 from __future__ import annotations
@@ -19,18 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import redis
 from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.core.db import migrate
 from app.main import create_app
 from neuronshap.server import create_server_app
-from tests.conftest import REDIS, postgres_schema
+from tests.harness.services import REDIS_URL, namespace, postgres_schema
 
-REDIS_DB = 13  # tests own this Redis database and empty it
 FAST = {"publish_interval_s": 0.2, "cancel_poll_s": 0.2, "checkpoint_interval_s": 1.0}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -61,17 +61,22 @@ def embedded(tmp: Path, **overrides) -> Iterator[Stack]:
 
 
 @contextlib.contextmanager
-def full(tmp: Path, **overrides) -> Iterator[Stack]:
-    """PostgreSQL (a fresh schema), Redis (database 13, emptied) and a real Celery worker process."""
-    redis.Redis.from_url(f"{REDIS}/{REDIS_DB}").flushdb()
-    with postgres_schema() as database_url:
-        settings = Settings(data_dir=tmp, database_url=database_url, broker_url=f"{REDIS}/{REDIS_DB}",
-                            redis_url=f"{REDIS}/{REDIS_DB}", blob_dir=tmp / "blobs", **(FAST | overrides))
-        migrate(database_url)
-        log = tmp / "worker.log"
-        with worker_process(settings, log):
-            with TestClient(create_app(settings.model_copy(update={"migrate_on_start": False}))) as client:
-                yield Stack("full", settings, client, log)
+def full(tmp: Path, *, worker: bool = True, **overrides) -> Iterator[Stack]:
+    """PostgreSQL (a fresh schema), Redis (a namespace of this stack's own, dropped afterwards) and, unless
+    ``worker`` is false (the test starts its workers itself), a real Celery worker process."""
+    ns = namespace()
+    try:
+        with postgres_schema() as database_url:
+            settings = Settings(data_dir=tmp, database_url=database_url, broker_url=REDIS_URL, redis_url=REDIS_URL,
+                                blob_dir=tmp / "blobs", migrate_on_start=False,
+                                **(FAST | ns.settings() | overrides))
+            migrate(database_url)
+            log = tmp / "worker.log"
+            with worker_process(settings, log) if worker else contextlib.nullcontext():
+                with TestClient(create_app(settings)) as client:
+                    yield Stack("full", settings, client, log)
+    finally:
+        ns.drop()
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -129,6 +134,13 @@ def api_process(env: dict[str, str], log: Path) -> Iterator[tuple[str, subproces
         yield url, proc
     finally:
         stop(proc)
+
+
+@contextlib.contextmanager
+def serve(data_dir: Path, **env: str) -> Iterator[str]:
+    """The embedded service on ``data_dir`` as its own process (``env`` added); yields its URL."""
+    with api_process({"NEURONSHAP_DATA_DIR": str(data_dir)} | env, data_dir / "serve.log") as (url, _):
+        yield url
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> None:

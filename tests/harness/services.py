@@ -1,0 +1,92 @@
+"""The machine's PostgreSQL and Redis as the tests and the benchmarks use them, each run keeping to its own part.
+
+A test run (a pytest session, or a benchmark run on its own) picks an id,
+``RUN_ID``. Every stack it starts takes a :func:`namespace` of that run: a
+Redis key prefix ``t<run>:<n>:`` for the bus and a Celery queue
+``jobs-<run>-<n>``, so that two runs on one machine (two developers, a
+developer and CI, a benchmark beside the suite) share the Redis database
+without taking each other's jobs or reading each other's events, and nothing
+is flushed. A namespace deletes its own keys when its stack ends
+(:meth:`Namespace.drop`); :func:`sweep_run` deletes whatever of the run is left
+(a stack killed mid-way), at the end of the session.
+
+PostgreSQL: each stack gets a fresh schema of the ``test`` database
+(:func:`postgres_schema`), dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import redis
+from sqlalchemy import create_engine, text
+
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REDIS = "redis://127.0.0.1:6379"
+REDIS_DB = 13  # the tests' and benchmarks' broker and bus; runs share it, each in its own namespace
+REDIS_URL = f"{REDIS}/{REDIS_DB}"
+
+# What kombu's Redis transport keeps of a queue besides its list (the exchange of a Celery queue is its name).
+KOMBU_BINDINGS = ("_kombu.binding.%s", "_kombu.binding_permanent.%s")
+
+RUN_ENV = "NEURONSHAP_TEST_RUN"  # set for a subprocess (a benchmark's smoke run) to make it part of this run
+RUN_ID = os.environ.get(RUN_ENV) or uuid.uuid4().hex[:8]
+if not re.fullmatch(r"[0-9a-z]{1,32}", RUN_ID):
+    raise RuntimeError(f"{RUN_ENV}={RUN_ID!r}: expected up to 32 lower-case letters and digits")
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A Redis key prefix and a Celery queue that no other stack, of this run or another, uses."""
+
+    prefix: str
+    queue: str
+
+    def settings(self) -> dict[str, str]:
+        """The overrides of :class:`app.core.config.Settings` that put a stack in this namespace."""
+        return {"redis_prefix": self.prefix, "queue_name": self.queue}
+
+    def drop(self, url: str = REDIS_URL) -> int:
+        """Delete the namespace's keys: the bus's, the queue's list and kombu's bindings of it; returns how many."""
+        return _delete(url, f"{self.prefix}*", self.queue, *(binding % self.queue for binding in KOMBU_BINDINGS))
+
+
+def namespace(run: str = RUN_ID) -> Namespace:
+    """A fresh namespace of the run (random per call, so that processes of one run do not collide either)."""
+    part = secrets.token_hex(3)
+    return Namespace(f"t{run}:{part}:", f"jobs-{run}-{part}")
+
+
+def sweep_run(url: str = REDIS_URL, run: str = RUN_ID) -> int:
+    """Delete every key of the run (only its own: other runs may be going on); returns how many."""
+    return _delete(url, f"t{run}:*", f"jobs-{run}-*", *(binding % f"jobs-{run}-*" for binding in KOMBU_BINDINGS))
+
+
+def _delete(url: str, *patterns: str) -> int:
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    try:
+        keys = {key for pattern in patterns for key in client.scan_iter(match=pattern, count=1000)}
+        return client.delete(*keys) if keys else 0
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A database URL whose tables live in a fresh schema of the test database, dropped afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
