@@ -69,6 +69,7 @@ def test_the_closed_form_is_right():
     assert min(float(values[i]) for i in PLANTED) - fourth > 0.005  # clear of ε: not a near-tie
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bound", ["normal", "bernstein", "bernstein_observed"])
 def test_planted_top_players_are_never_eliminated(bound):
     eliminated: list[tuple[int, int]] = []
