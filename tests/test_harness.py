@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def test_two_namespaces_share_the_redis_database_without_seeing_each_other():
     assert a != b
     other_run = redis.Redis.from_url(REDIS_URL)
     other_run.set(f"t{run}x:job:j:live", "{}", ex=60)  # another run's key (its id starts like ours): never touched
+    # Messages a worker took and never acknowledged, as kombu keeps them: (message, exchange, routing key = queue).
+    unacked = {f"{run}-{q}": json.dumps([{}, "", q]) for q in (a.queue, b.queue, f"jobs-{run}x-0")}
+    other_run.hset("unacked", mapping=unacked)
     try:
         bus_a, bus_b = RedisBus(REDIS_URL, a.prefix), RedisBus(REDIS_URL, b.prefix)
         bus_a.set_live("j", {"who": "a"})
@@ -71,11 +75,15 @@ def test_two_namespaces_share_the_redis_database_without_seeing_each_other():
         queue_b.enqueue("j_b")
         assert queue_a.waiting() == {"j_a"} and queue_b.waiting() == {"j_b"}
 
-        assert a.drop() >= 3  # the live key, the stream, the queue's list (and kombu's bindings)
+        assert a.drop() >= 4  # the live key, the stream, the queue's list (and kombu's bindings), the message
         assert bus_a.get_live("j") is None and queue_a.waiting() == set() and keys_of(a) == []
         assert queue_b.waiting() == {"j_b"} and keys_of(b) and other_run.exists(f"t{run}x:job:j:live")
+        assert other_run.hmget("unacked", list(unacked)) == [None, *map(str.encode, list(unacked.values())[1:])]
         sweep_run(run=run)  # the end of a run: all of its keys go, and only its own
         assert keys_of(b) == [] and other_run.exists(f"t{run}x:job:j:live")
+        assert other_run.hmget("unacked", list(unacked))[:2] == [None, None]
+        assert other_run.hexists("unacked", f"{run}-jobs-{run}x-0")
     finally:
         other_run.delete(f"t{run}x:job:j:live")
+        other_run.hdel("unacked", *unacked)
         a.drop(), b.drop()

@@ -17,6 +17,8 @@ PostgreSQL: each stack gets a fresh schema of the ``test`` database
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import json
 import os
 import re
 import secrets
@@ -32,8 +34,11 @@ REDIS = "redis://127.0.0.1:6379"
 REDIS_DB = 13  # the tests' and benchmarks' broker and bus; runs share it, each in its own namespace
 REDIS_URL = f"{REDIS}/{REDIS_DB}"
 
-# What kombu's Redis transport keeps of a queue besides its list (the exchange of a Celery queue is its name).
+# What kombu's Redis transport keeps of a queue besides its list (the exchange of a Celery queue is its name),
+# and the hash (with its index) where it holds a delivered message until the worker acknowledges it: shared by
+# every queue of the database, each entry naming its queue.
 KOMBU_BINDINGS = ("_kombu.binding.%s", "_kombu.binding_permanent.%s")
+KOMBU_UNACKED, KOMBU_UNACKED_INDEX = "unacked", "unacked_index"
 
 RUN_ENV = "NEURONSHAP_TEST_RUN"  # set for a subprocess (a benchmark's smoke run) to make it part of this run
 RUN_ID = os.environ.get(RUN_ENV) or uuid.uuid4().hex[:8]
@@ -53,8 +58,10 @@ class Namespace:
         return {"redis_prefix": self.prefix, "queue_name": self.queue}
 
     def drop(self, url: str = REDIS_URL) -> int:
-        """Delete the namespace's keys: the bus's, the queue's list and kombu's bindings of it; returns how many."""
-        return _delete(url, f"{self.prefix}*", self.queue, *(binding % self.queue for binding in KOMBU_BINDINGS))
+        """Delete the namespace's keys (the bus's, the queue's list, kombu's bindings of it) and its messages
+        left unacknowledged (a worker killed or stopped holding one); returns how many."""
+        return _delete(url, self.queue, f"{self.prefix}*", self.queue,
+                       *(binding % self.queue for binding in KOMBU_BINDINGS))
 
 
 def namespace(run: str = RUN_ID) -> Namespace:
@@ -65,14 +72,26 @@ def namespace(run: str = RUN_ID) -> Namespace:
 
 def sweep_run(url: str = REDIS_URL, run: str = RUN_ID) -> int:
     """Delete every key of the run (only its own: other runs may be going on); returns how many."""
-    return _delete(url, f"t{run}:*", f"jobs-{run}-*", *(binding % f"jobs-{run}-*" for binding in KOMBU_BINDINGS))
+    queues = f"jobs-{run}-*"
+    return _delete(url, queues, f"t{run}:*", queues, *(binding % queues for binding in KOMBU_BINDINGS))
 
 
-def _delete(url: str, *patterns: str) -> int:
+def _delete(url: str, queues: str, *patterns: str) -> int:
+    """Delete the keys matching ``patterns`` and the unacknowledged messages of the queues matching ``queues``.
+
+    Left in kombu's hash, such a message would go back to its queue after the visibility timeout (12 h), when
+    any worker on the database restores it: a queue of a run long over, that nobody reads or deletes."""
     client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
     try:
         keys = {key for pattern in patterns for key in client.scan_iter(match=pattern, count=1000)}
-        return client.delete(*keys) if keys else 0
+        deleted = client.delete(*keys) if keys else 0
+        for tag, raw in client.hscan_iter(KOMBU_UNACKED, count=1000):
+            with contextlib.suppress(ValueError, TypeError):
+                _, _, routing_key = json.loads(raw)  # (message, exchange, routing key): the queue
+                if fnmatch.fnmatchcase(routing_key, queues):
+                    deleted += client.hdel(KOMBU_UNACKED, tag)
+                    client.zrem(KOMBU_UNACKED_INDEX, tag)
+        return deleted
     finally:
         client.close()
 
