@@ -64,4 +64,3 @@ def create_app(settings: Settings | None = None, run_job: RunJob | None = None) 
     app.include_router(jobs_routes.router)
     app.include_router(ops_routes.router)
     return app
-

@@ -69,8 +69,10 @@ from examples.digits import DigitsCNN, export_onnx, load_digits_split, save_eval
 from tests.harness.services import REDIS_URL, namespace, postgres_schema
 from tests.harness.stacks import api_process, settings_env, worker_process
 
-LONG_SPEC = {"metric": {"name": "accuracy"},
-             "estimator": {"mode": "all", "half_width": 1e-6, "truncation": 0, "max_seconds": 600}}
+LONG_SPEC = {
+    "metric": {"name": "accuracy"},
+    "estimator": {"mode": "all", "half_width": 1e-6, "truncation": 0, "max_seconds": 600},
+}
 KINDS = ("job (running)", "job (finished)", "neurons (running)", "neurons (finished)", "list jobs")
 HEADERS = ["request", "requests", "req/s", "p50 (ms)", "p90 (ms)", "p99 (ms)", "max (ms)", "errors", "bytes/answer"]
 
@@ -87,10 +89,19 @@ class Scale:
     duration_s: float
 
 
-FULL = Scale("full", epochs=5, eval_examples=None, finished_jobs=3, finished_iterations=8, clients=32,
-             warmup_s=3.0, duration_s=30.0)
-QUICK = Scale("quick", epochs=1, eval_examples=64, finished_jobs=1, finished_iterations=4, clients=4,
-              warmup_s=0.5, duration_s=2.0)
+FULL = Scale(
+    "full",
+    epochs=5,
+    eval_examples=None,
+    finished_jobs=3,
+    finished_iterations=8,
+    clients=32,
+    warmup_s=3.0,
+    duration_s=30.0,
+)
+QUICK = Scale(
+    "quick", epochs=1, eval_examples=64, finished_jobs=1, finished_iterations=4, clients=4, warmup_s=0.5, duration_s=2.0
+)
 
 
 @dataclass
@@ -142,13 +153,23 @@ def full_stack(tmp: Path) -> Iterator[Deployment]:
     ns = namespace()
     try:
         with postgres_schema() as database_url:
-            settings = Settings(data_dir=tmp, database_url=database_url, broker_url=REDIS_URL, redis_url=REDIS_URL,
-                                blob_dir=tmp / "blobs", migrate_on_start=False, **ns.settings())
+            settings = Settings(
+                data_dir=tmp,
+                database_url=database_url,
+                broker_url=REDIS_URL,
+                redis_url=REDIS_URL,
+                blob_dir=tmp / "blobs",
+                migrate_on_start=False,
+                **ns.settings(),
+            )
             migrate(database_url)
-            with worker_process(settings, tmp / "worker.log") as worker, \
-                    api_process(settings_env(settings), tmp / "api.log") as (url, api):
-                yield Deployment("full stack: PostgreSQL + Redis + 1 Celery worker process", url, api, worker,
-                                 tmp / "api.log")
+            with (
+                worker_process(settings, tmp / "worker.log") as worker,
+                api_process(settings_env(settings), tmp / "api.log") as (url, api),
+            ):
+                yield Deployment(
+                    "full stack: PostgreSQL + Redis + 1 Celery worker process", url, api, worker, tmp / "api.log"
+                )
     finally:
         ns.drop()
 
@@ -172,7 +193,9 @@ def wait_for(client: Client, job_id: str, done: Callable[[dict], bool], what: st
 
 def prepare_jobs(client: Client, model: Path, data: Path, scale: Scale) -> Targets:
     """Finished jobs first (one worker runs one job at a time), then the long one, until its live bounds are up."""
-    quick_spec = json.dumps({"metric": {"name": "accuracy"}, "estimator": {"max_iterations": scale.finished_iterations}})
+    quick_spec = json.dumps(
+        {"metric": {"name": "accuracy"}, "estimator": {"max_iterations": scale.finished_iterations}}
+    )
     finished = [client.submit(model, data, quick_spec)["id"] for _ in range(scale.finished_jobs)]
     for job_id in finished:
         wait_for(client, job_id, lambda j: j["state"] == "succeeded", "succeeded")
@@ -214,11 +237,13 @@ def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
 
 def requests_of(targets: Targets) -> list[tuple[str, str, dict]]:
     neurons = {"limit": 100}
-    return [("job (running)", f"/v1/jobs/{targets.running}", {}),
-            *[("job (finished)", f"/v1/jobs/{j}", {}) for j in targets.finished],
-            ("neurons (running)", f"/v1/jobs/{targets.running}/neurons", neurons),
-            *[("neurons (finished)", f"/v1/jobs/{j}/neurons", neurons) for j in targets.finished],
-            ("list jobs", "/v1/jobs", {"limit": 20})]
+    return [
+        ("job (running)", f"/v1/jobs/{targets.running}", {}),
+        *[("job (finished)", f"/v1/jobs/{j}", {}) for j in targets.finished],
+        ("neurons (running)", f"/v1/jobs/{targets.running}/neurons", neurons),
+        *[("neurons (finished)", f"/v1/jobs/{j}/neurons", neurons) for j in targets.finished],
+        ("list jobs", "/v1/jobs", {"limit": 20}),
+    ]
 
 
 async def load(deployment: Deployment, targets: Targets, clients: int, warmup_s: float, duration_s: float) -> Window:
@@ -272,18 +297,33 @@ def report(window: Window) -> None:
     ]:
         ms = np.array(latencies) * 1000
         p50, p90, p99 = np.percentile(ms, [50, 90, 99]) if len(ms) else (None, None, None)
-        rows.append([kind, len(ms), len(ms) / window.duration_s, p50, p90, p99, ms.max() if len(ms) else None, errors,
-                     round(float(np.mean(sizes))) if sizes else None])
+        rows.append(
+            [
+                kind,
+                len(ms),
+                len(ms) / window.duration_s,
+                p50,
+                p90,
+                p99,
+                ms.max() if len(ms) else None,
+                errors,
+                round(float(np.mean(sizes))) if sizes else None,
+            ]
+        )
     table(HEADERS, rows)
     used = dict(window.cpu_s)
     machine = used.pop("machine")
     used["all other processes"] = max(0.0, machine - sum(used.values()))
     cores = ", ".join(f"{name} {seconds / window.duration_s:.0%}" for name, seconds in used.items())
-    out(f"CPU used during the window (100% = one core): {cores}; the whole machine "
+    out(
+        f"CPU used during the window (100% = one core): {cores}; the whole machine "
         f"{machine / window.duration_s:.0%} of {os.cpu_count() * 100}% (PostgreSQL and Redis: all their processes, "
-        "whoever uses them)")
-    out(f"API server CPU per answered request: {1000 * window.cpu_s['API server'] / max(1, len(everything)):.1f} ms"
-        + (" (with the job thread's)" if "worker" not in window.cpu_s else ""))
+        "whoever uses them)"
+    )
+    out(
+        f"API server CPU per answered request: {1000 * window.cpu_s['API server'] / max(1, len(everything)):.1f} ms"
+        + (" (with the job thread's)" if "worker" not in window.cpu_s else "")
+    )
     for example in window.error_examples:
         out(f"error: {example}")
 
@@ -294,21 +334,28 @@ def measure(deployment: Deployment, model: Path, data: Path, scale: Scale, clien
     client = Client(deployment.url)
     t = time.monotonic()
     targets = prepare_jobs(client, model, data, scale)
-    out(f"fixture jobs: {len(targets.finished)} finished, 1 running (mode all, no truncation); "
-        f"ready in {time.monotonic() - t:.1f} s")
+    out(
+        f"fixture jobs: {len(targets.finished)} finished, 1 running (mode all, no truncation); "
+        f"ready in {time.monotonic() - t:.1f} s"
+    )
     before = client.job(targets.running)["progress"]["iterations"]
     window = asyncio.run(load(deployment, targets, clients, scale.warmup_s, duration_s))
     after = client.job(targets.running)
     report(window)
     if any(window.errors.values()):
-        complaints = [line for line in deployment.server_log.read_text(errors="replace").splitlines()
-                      if any(word in line for word in ("ERROR", "WARNING", "Traceback", "Error"))]
+        complaints = [
+            line
+            for line in deployment.server_log.read_text(errors="replace").splitlines()
+            if any(word in line for word in ("ERROR", "WARNING", "Traceback", "Error"))
+        ]
         out("the API's log, its warnings and errors:" if complaints else "the API's log has no warning or error")
         for line in complaints[-20:]:
             out(f"  {line}")
-    out(f"the running job stayed {after['state']}; it went from {before} to {after['progress']['iterations']} "
+    out(
+        f"the running job stayed {after['state']}; it went from {before} to {after['progress']['iterations']} "
         f"permutations during the warm-up and the window (its live state is published every "
-        f"{Settings.model_fields['publish_interval_s'].default:g} s)")
+        f"{Settings.model_fields['publish_interval_s'].default:g} s)"
+    )
     client.http.post(f"/v1/jobs/{targets.running}/cancel").raise_for_status()
     wait_for(client, targets.running, lambda j: j["state"] == "cancelled", "cancelled", timeout=60)
     return sum(window.errors.values()) + (after["state"] != "running")
@@ -318,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds per configuration, few clients")
     parser.add_argument("--clients", type=int, help="concurrent clients (default 32; 4 with --quick)")
-    parser.add_argument("--duration", type=float, help="measured seconds per configuration (default 30; 2 with --quick)")
+    parser.add_argument(
+        "--duration", type=float, help="measured seconds per configuration (default 30; 2 with --quick)"
+    )
     args = parser.parse_args(argv)
     scale = QUICK if args.quick else FULL
     clients, duration_s = args.clients or scale.clients, args.duration or scale.duration_s
@@ -326,10 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     section(f"API load benchmark ({scale.name} scale)")
     for line in machine_lines():
         out(line)
-    out("The load generator (this process), the API, the worker, PostgreSQL and Redis share these CPUs, "
-        "and other processes may too.")
-    out(f"Per configuration: {scale.warmup_s:g} s warm-up, then {duration_s:g} s measured; closed loop, "
-        f"{clients} clients; requests picked uniformly among: {', '.join(KINDS)}.")
+    out(
+        "The load generator (this process), the API, the worker, PostgreSQL and Redis share these CPUs, "
+        "and other processes may too."
+    )
+    out(
+        f"Per configuration: {scale.warmup_s:g} s warm-up, then {duration_s:g} s measured; closed loop, "
+        f"{clients} clients; requests picked uniformly among: {', '.join(KINDS)}."
+    )
     errors = 0
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         root = Path(tmp)

@@ -282,8 +282,9 @@ class Model:
     def game(self, batch_size: int | None = 128, cache_prefix: bool = True, grouped: bool = True) -> NeuronGame:
         """The game on this model; ``batch_size=None`` uses the whole evaluation set every time."""
         size = len(self.data) if batch_size is None else batch_size
-        return NeuronGame(self.graph, self.data, MetricSpec("accuracy"), batch_size=size, cache_prefix=cache_prefix,
-                          grouped=grouped)
+        return NeuronGame(
+            self.graph, self.data, MetricSpec("accuracy"), batch_size=size, cache_prefix=cache_prefix, grouped=grouped
+        )
 
 
 def build_model(kind: str, scale: Scale, split, folder: Path) -> Model:
@@ -340,7 +341,9 @@ class Tracker:
 
     def __call__(self, progress) -> None:
         e = progress.estimate
-        self.points.append(Point(e.iterations, e.evaluations, e.rows, e.elapsed_s, is_correct(e.values, self.reference)))
+        self.points.append(
+            Point(e.iterations, e.evaluations, e.rows, e.elapsed_s, is_correct(e.values, self.reference))
+        )
         if self.confirm is not None:
             s = stable_point(self.points)
             if s is not None and e.iterations >= s.iterations + max(self.confirm, s.iterations // 2):
@@ -389,8 +392,13 @@ def reference_run(model: Model, scale: Scale) -> Reference:
     base = TMABConfig()
     z = NormalDist().inv_cdf(1.0 - base.delta / n / 2.0)
     cfg = TMABConfig(
-        mode="all", truncation=0.0, bound="normal", min_samples=30 if bandit else OFF,
-        half_width=z * scale.ref_se_target, seed=SEED_REF, max_seconds=scale.ref_seconds[model.kind],
+        mode="all",
+        truncation=0.0,
+        bound="normal",
+        min_samples=30 if bandit else OFF,
+        half_width=z * scale.ref_se_target,
+        seed=SEED_REF,
+        max_seconds=scale.ref_seconds[model.kind],
     )
     done = [False]
 
@@ -403,8 +411,16 @@ def reference_run(model: Model, scale: Scale) -> Reference:
 
     est = run_tmab(game, cfg, on_progress=progress, should_stop=lambda: done[0])
     reason = "SE target reached" if est.stop_reason in ("stopped", "converged") else f"time cap ({est.stop_reason})"
-    return Reference(est.values.clone(), standard_errors(est, n, cfg.delta), est.iterations, est.rows,
-                     est.elapsed_s, reason, game.batch_size, bandit)
+    return Reference(
+        est.values.clone(),
+        standard_errors(est, n, cfg.delta),
+        est.iterations,
+        est.rows,
+        est.elapsed_s,
+        reason,
+        game.batch_size,
+        bandit,
+    )
 
 
 def print_reference(model: Model, ref: Reference) -> None:
@@ -416,8 +432,11 @@ def print_reference(model: Model, ref: Reference) -> None:
     table(
         ["reference", "value"],
         [
-            ["sampling", f"untruncated, mode all, batch {ref.batch} random examples, "
-                         + ("per-player stop at the SE target (no truncation)" if ref.bandit else "bandit off")],
+            [
+                "sampling",
+                f"untruncated, mode all, batch {ref.batch} random examples, "
+                + ("per-player stop at the SE target (no truncation)" if ref.bandit else "bandit off"),
+            ],
             ["permutations", ref.iterations],
             ["forward rows", ref.rows],
             ["wall time (s)", ref.seconds],
@@ -428,8 +447,13 @@ def print_reference(model: Model, ref: Reference) -> None:
             ["neurons acceptable in a top-10 (>= 10th - 0.005)", acceptable],
         ],
     )
-    table(["rank", "neuron", "reference value", "SE"],
-          [[r + 1, int(order[r]), f"{float(v[r]):.4f}", f"{float(ref.se[order[r]]):.4f}"] for r in range(min(K + 4, len(v)))])
+    table(
+        ["rank", "neuron", "reference value", "SE"],
+        [
+            [r + 1, int(order[r]), f"{float(v[r]):.4f}", f"{float(ref.se[order[r]]):.4f}"]
+            for r in range(min(K + 4, len(v)))
+        ],
+    )
 
 
 @dataclass
@@ -467,8 +491,9 @@ def fastest_pass(game: NeuronGame, seconds: float = 0.3) -> tuple[int, dict]:
     their shared masks; random coalitions would hide that)."""
     sample = game.sample(torch.Generator().manual_seed(0), 1)
     limit = game.max_coalitions_per_pass
-    candidates = sorted({m for m in (1, 2, 4, 8, 16, 32, 64, 128) if m <= limit} |
-                        {min(limit, TMABConfig().coalitions_per_pass)})
+    candidates = sorted(
+        {m for m in (1, 2, 4, 8, 16, 32, 64, 128) if m <= limit} | {min(limit, TMABConfig().coalitions_per_pass)}
+    )
     gen = torch.Generator().manual_seed(0)
     n = game.n_players
     rates = {}
@@ -490,26 +515,61 @@ def fastest_pass(game: NeuronGame, seconds: float = 0.3) -> tuple[int, dict]:
 def plain_run(model: Model, ref: torch.Tensor, scale: Scale) -> RunResult:
     game = model.game(None)
     per_pass, rates = fastest_pass(game, scale.calibrate_seconds)
-    out(f"plain: coalitions per pass chosen by measurement on the whole-set game: {per_pass} "
-        f"(evals/s by coalitions per pass: {', '.join(f'{m}: {r:.0f}' for m, r in rates.items())})")
-    cfg = TMABConfig(mode="top", top_k=K, truncation=0.0, min_samples=OFF, lanes=1, coalitions_per_pass=per_pass,
-                     seed=SEED_PLAIN, max_seconds=scale.plain_seconds[model.kind])
+    out(
+        f"plain: coalitions per pass chosen by measurement on the whole-set game: {per_pass} "
+        f"(evals/s by coalitions per pass: {', '.join(f'{m}: {r:.0f}' for m, r in rates.items())})"
+    )
+    cfg = TMABConfig(
+        mode="top",
+        top_k=K,
+        truncation=0.0,
+        min_samples=OFF,
+        lanes=1,
+        coalitions_per_pass=per_pass,
+        seed=SEED_PLAIN,
+        max_seconds=scale.plain_seconds[model.kind],
+    )
     tracker = Tracker(ref, confirm=scale.plain_confirm)
     est = run_tmab(game, cfg, on_progress=tracker, should_stop=tracker.should_stop)
     stop = "confirmed" if est.stop_reason == "stopped" else est.stop_reason
-    return RunResult("plain permutation sampling", tracker.points, est.iterations, est.evaluations, est.rows,
-                     est.elapsed_s, stop, is_correct(est.values, ref), est.values)
+    return RunResult(
+        "plain permutation sampling",
+        tracker.points,
+        est.iterations,
+        est.evaluations,
+        est.rows,
+        est.elapsed_s,
+        stop,
+        is_correct(est.values, ref),
+        est.values,
+    )
 
 
-def tmab_run(model: Model, ref: torch.Tensor, cap_s: float, seed: int = SEED_TMAB, batch_size: int | None = DEFAULT_BATCH,
-             confirm: int | None = None, **changes) -> RunResult:
+def tmab_run(
+    model: Model,
+    ref: torch.Tensor,
+    cap_s: float,
+    seed: int = SEED_TMAB,
+    batch_size: int | None = DEFAULT_BATCH,
+    confirm: int | None = None,
+    **changes,
+) -> RunResult:
     game = model.game(batch_size)
     cfg = replace(TMABConfig(mode="top", top_k=K), seed=seed, max_seconds=cap_s, **changes)
     tracker = Tracker(ref, confirm=confirm)
     est = run_tmab(game, cfg, on_progress=tracker, should_stop=tracker.should_stop)
     stop = "confirmed" if est.stop_reason == "stopped" else est.stop_reason or "-"
-    return RunResult("TMAB (defaults)", tracker.points, est.iterations, est.evaluations, est.rows, est.elapsed_s,
-                     stop, is_correct(est.values, ref), est.values)
+    return RunResult(
+        "TMAB (defaults)",
+        tracker.points,
+        est.iterations,
+        est.evaluations,
+        est.rows,
+        est.elapsed_s,
+        stop,
+        is_correct(est.values, ref),
+        est.values,
+    )
 
 
 class _OutOfTime(Exception):
@@ -548,8 +608,9 @@ def captum_run(model: Model, ref: torch.Tensor, permutations: int, per_eval: int
     start = time.monotonic()
     deadline[0] = start + cap_s
     try:
-        attr = svs.attribute(torch.ones(1, n), baselines=torch.zeros(1, n), n_samples=permutations,
-                             perturbations_per_eval=per_eval)
+        attr = svs.attribute(
+            torch.ones(1, n), baselines=torch.zeros(1, n), n_samples=permutations, perturbations_per_eval=per_eval
+        )
         values = attr[0].double()
         finished, correct = True, is_correct(values, ref)
     except _OutOfTime:
@@ -566,8 +627,12 @@ def time_to_correct(model: Model, scale: Scale, ref: Reference) -> dict:
     plain_needed = ps.iterations if ps is not None else plain.iterations
     per_eval = min(TMABConfig().coalitions_per_pass, model.game(None).max_coalitions_per_pass)
     cap = captum_run(model, values, plain_needed, per_eval, scale.captum_seconds[model.kind])
-    runs = [replace(tmab_run(model, values, scale.tmab_seconds[model.kind], seed=seed), name=f"TMAB (defaults), seed {seed}")
-            for seed in scale.tmab_seeds]
+    runs = [
+        replace(
+            tmab_run(model, values, scale.tmab_seconds[model.kind], seed=seed), name=f"TMAB (defaults), seed {seed}"
+        )
+        for seed in scale.tmab_seeds
+    ]
     # TMAB's time to a correct top-10 varies several-fold between seeds: the ratios use the median seed's run.
     by_time = sorted(runs, key=lambda r: r.stable.seconds if r.stable else math.inf)
     tmab, slowest = by_time[(len(runs) - 1) // 2], by_time[-1]
@@ -576,27 +641,55 @@ def time_to_correct(model: Model, scale: Scale, ref: Reference) -> dict:
     rows = []
     for r in (plain, *runs):
         s = r.stable
-        rows.append([
-            r.name,
-            s.iterations if s else "not reached",
-            s.rows if s else None,
-            s.seconds if s else None,
-            r.iterations - s.iterations if s else None,
-            r.iterations, r.rows, r.seconds, r.stop, r.final_correct, worst_pick(r.values, values),
-        ])
+        rows.append(
+            [
+                r.name,
+                s.iterations if s else "not reached",
+                s.rows if s else None,
+                s.seconds if s else None,
+                r.iterations - s.iterations if s else None,
+                r.iterations,
+                r.rows,
+                r.seconds,
+                r.stop,
+                r.final_correct,
+                worst_pick(r.values, values),
+            ]
+        )
     n_players = model.game(None).n_players
-    rows.append([
-        f"Captum ShapleyValueSampling (ppe={cap.per_eval})", f"{cap.permutations} (run)",
-        (1 + cap.permutations * n_players) * len(model.data),
-        f"{cap.seconds:.1f}" + ("" if cap.finished else " (extrapolated)"),
-        None, f"{cap.calls_done}/{cap.calls_total} calls", None, None,
-        "finished" if cap.finished else "time cap", cap.correct, worst_pick(cap.values, values),
-    ])
-    out(f"correct = each of the ten >= {float(torch.sort(values, descending=True).values[K - 1]) - TOL:.4f} "
-        "(reference 10th value - 0.005); 'weakest pick' = reference rank and value of the weakest of the ten")
+    rows.append(
+        [
+            f"Captum ShapleyValueSampling (ppe={cap.per_eval})",
+            f"{cap.permutations} (run)",
+            (1 + cap.permutations * n_players) * len(model.data),
+            f"{cap.seconds:.1f}" + ("" if cap.finished else " (extrapolated)"),
+            None,
+            f"{cap.calls_done}/{cap.calls_total} calls",
+            None,
+            None,
+            "finished" if cap.finished else "time cap",
+            cap.correct,
+            worst_pick(cap.values, values),
+        ]
+    )
+    out(
+        f"correct = each of the ten >= {float(torch.sort(values, descending=True).values[K - 1]) - TOL:.4f} "
+        "(reference 10th value - 0.005); 'weakest pick' = reference rank and value of the weakest of the ten"
+    )
     table(
-        ["method", "perms to stable-correct", "rows then", "time then (s)", "stayed correct for (perms)",
-         "perms at stop", "rows at stop", "time at stop (s)", "stop", "top-10 at stop correct", "weakest pick"],
+        [
+            "method",
+            "perms to stable-correct",
+            "rows then",
+            "time then (s)",
+            "stayed correct for (perms)",
+            "perms at stop",
+            "rows at stop",
+            "time at stop (s)",
+            "stop",
+            "top-10 at stop correct",
+            "weakest pick",
+        ],
         rows,
     )
     plain_s = ps.seconds if ps else plain.seconds
@@ -609,35 +702,61 @@ def time_to_correct(model: Model, scale: Scale, ref: Reference) -> dict:
     if ts is not None:
         time_ratio = plain_s / ts.seconds
         rows_ratio = plain_rows / ts.rows
-        lines.append([f"plain / TMAB (median of {len(runs)} seeds: {tmab.name}) at the stable-correct point",
-                      ratio(plain_s, ts.seconds, lb), ratio(plain_rows, ts.rows, lb)])
+        lines.append(
+            [
+                f"plain / TMAB (median of {len(runs)} seeds: {tmab.name}) at the stable-correct point",
+                ratio(plain_s, ts.seconds, lb),
+                ratio(plain_rows, ts.rows, lb),
+            ]
+        )
         if slowest.stable:
-            lines.append([f"plain / TMAB's slowest seed ({slowest.name})", ratio(plain_s, slowest.stable.seconds, lb),
-                          ratio(plain_rows, slowest.stable.rows, lb)])
+            lines.append(
+                [
+                    f"plain / TMAB's slowest seed ({slowest.name})",
+                    ratio(plain_s, slowest.stable.seconds, lb),
+                    ratio(plain_rows, slowest.stable.rows, lb),
+                ]
+            )
         if tmab.stop == "converged":
-            lines.append(["plain (stable-correct) / TMAB (at its own stop)", ratio(plain_s, tmab.seconds, lb),
-                          ratio(plain_rows, tmab.rows, lb)])
+            lines.append(
+                [
+                    "plain (stable-correct) / TMAB (at its own stop)",
+                    ratio(plain_s, tmab.seconds, lb),
+                    ratio(plain_rows, tmab.rows, lb),
+                ]
+            )
         if lb:
             est_s, est_rows = per_perm_s * ts.iterations, per_perm_rows * ts.iterations
-            lines.append([f"estimate: plain at TMAB's {ts.iterations} perms / TMAB", ratio(est_s, ts.seconds),
-                          ratio(est_rows, ts.rows)])
+            lines.append(
+                [
+                    f"estimate: plain at TMAB's {ts.iterations} perms / TMAB",
+                    ratio(est_s, ts.seconds),
+                    ratio(est_rows, ts.rows),
+                ]
+            )
         met = time_ratio >= target and rows_ratio >= target
         if not lb:
             verdict = "met" if met else "NOT met"
         elif met:
             verdict = "met (as a lower bound: plain never got there)"
         else:
-            est_met = per_perm_s * ts.iterations / ts.seconds >= target and per_perm_rows * ts.iterations / ts.rows >= target
-            verdict = (f"not demonstrated directly: plain did not get there within its {scale.plain_seconds[model.kind]:.0f} s cap, so the "
-                       f"measured ratios are only lower bounds ({time_ratio:.1f}x time, {rows_ratio:.1f}x rows); the "
-                       f"permutation-matched estimate {'meets' if est_met else 'does not meet'} it")
+            est_met = (
+                per_perm_s * ts.iterations / ts.seconds >= target and per_perm_rows * ts.iterations / ts.rows >= target
+            )
+            verdict = (
+                f"not demonstrated directly: plain did not get there within its {scale.plain_seconds[model.kind]:.0f} s cap, so the "
+                f"measured ratios are only lower bounds ({time_ratio:.1f}x time, {rows_ratio:.1f}x rows); the "
+                f"permutation-matched estimate {'meets' if est_met else 'does not meet'} it"
+            )
     else:
         verdict = "not measurable: TMAB did not reach a stable-correct top-10 in its cap"
     table(["ratio", "wall time", "forward rows"], lines)
-    out(f"plain: {per_perm_s:.2f} s and {per_perm_rows:,.0f} rows per permutation; "
+    out(
+        f"plain: {per_perm_s:.2f} s and {per_perm_rows:,.0f} rows per permutation; "
         f"Captum: {cap.seconds / max(1, cap.permutations):.2f} s per permutation "
         f"({'slower' if cap.seconds / max(1, cap.permutations) > per_perm_s else 'faster'} than our plain run by "
-        f"{max(cap.seconds / max(1, cap.permutations), per_perm_s) / max(1e-9, min(cap.seconds / max(1, cap.permutations), per_perm_s)):.1f}x)")
+        f"{max(cap.seconds / max(1, cap.permutations), per_perm_s) / max(1e-9, min(cap.seconds / max(1, cap.permutations), per_perm_s)):.1f}x)"
+    )
     out(f"target >= {target:.0f}x (wall time and rows at the stable-correct point): {verdict}")
     return {"plain": plain, "tmab": runs[0], "captum": cap}  # the sweep's defaults row is seed SEED_TMAB
 
@@ -647,8 +766,10 @@ def time_to_correct(model: Model, scale: Scale, ref: Reference) -> dict:
 
 def throughput(model: Model, iterations: int, scale: Scale) -> dict:
     base = TMABConfig()
-    games = {(cache, grouped): model.game(128, cache_prefix=cache, grouped=grouped)
-             for cache, grouped in ((True, True), (True, False), (False, False))}
+    games = {
+        (cache, grouped): model.game(128, cache_prefix=cache, grouped=grouped)
+        for cache, grouped in ((True, True), (True, False), (False, False))
+    }
     for game in games.values():
         _warm_up(game)
     configs = [
@@ -658,39 +779,71 @@ def throughput(model: Model, iterations: int, scale: Scale) -> dict:
         ("batched, not grouped, no prefix cache", (False, False), base.lanes, base.coalitions_per_pass),
         ("one per pass, no prefix cache", (False, False), 1, 1),
     ]
-    configs += [(f"grouped, {cpp} per pass", (True, True), base.lanes, cpp)
-                for cpp in (16, 32, 128) if cpp != base.coalitions_per_pass]
+    configs += [
+        (f"grouped, {cpp} per pass", (True, True), base.lanes, cpp)
+        for cpp in (16, 32, 128)
+        if cpp != base.coalitions_per_pass
+    ]
     results = {}
     for label, key, lanes, cpp in configs:
         game = games[key]
-        cfg = TMABConfig(mode="all", truncation=0.0, min_samples=OFF, lanes=lanes, coalitions_per_pass=cpp,
-                         seed=SEED_THROUGHPUT, max_iterations=iterations)
+        cfg = TMABConfig(
+            mode="all",
+            truncation=0.0,
+            min_samples=OFF,
+            lanes=lanes,
+            coalitions_per_pass=cpp,
+            seed=SEED_THROUGHPUT,
+            max_iterations=iterations,
+        )
         est = run_tmab(game, cfg)
         per_pass = max(1, min(cpp, game.max_coalitions_per_pass))
         results[label] = (est, per_pass, game.batch_size, game, cfg)
     rows = []
     for label, (est, per_pass, batch, _, _) in results.items():
-        rows.append([label, per_pass, per_pass * batch, est.iterations, est.evaluations, est.elapsed_s,
-                     est.evaluations / est.elapsed_s, est.rows / est.elapsed_s])
-    table(["configuration", "coalitions/pass", "rows/pass", "perms", "evaluations", "time (s)", "evals/s", "rows/s"], rows)
-    out("every configuration evaluates the same coalitions (same seed and lanes); 'rows' counts a coalition's "
-        "batch once, whether or not grouping computed all of it")
+        rows.append(
+            [
+                label,
+                per_pass,
+                per_pass * batch,
+                est.iterations,
+                est.evaluations,
+                est.elapsed_s,
+                est.evaluations / est.elapsed_s,
+                est.rows / est.elapsed_s,
+            ]
+        )
+    table(
+        ["configuration", "coalitions/pass", "rows/pass", "perms", "evaluations", "time (s)", "evals/s", "rows/s"], rows
+    )
+    out(
+        "every configuration evaluates the same coalitions (same seed and lanes); 'rows' counts a coalition's "
+        "batch once, whether or not grouping computed all of it"
+    )
     rate = {k: v[0].evaluations / v[0].elapsed_s for k, v in results.items()}
-    same = torch.allclose(results["batched, grouped (defaults)"][0].values, results["batched, not grouped"][0].values,
-                          atol=1e-9)
+    same = torch.allclose(
+        results["batched, grouped (defaults)"][0].values, results["batched, not grouped"][0].values, atol=1e-9
+    )
     ratios = [
         ["batched, grouped (defaults) / one per pass", rate["batched, grouped (defaults)"] / rate["one per pass"]],
         ["grouped / not grouped (batched)", rate["batched, grouped (defaults)"] / rate["batched, not grouped"]],
         ["batched, not grouped / one per pass", rate["batched, not grouped"] / rate["one per pass"]],
-        ["prefix cache on / off (batched, not grouped)",
-         rate["batched, not grouped"] / rate["batched, not grouped, no prefix cache"]],
+        [
+            "prefix cache on / off (batched, not grouped)",
+            rate["batched, not grouped"] / rate["batched, not grouped, no prefix cache"],
+        ],
         ["prefix cache on / off (one per pass)", rate["one per pass"] / rate["one per pass, no prefix cache"]],
-        ["defaults / one per pass without cache", rate["batched, grouped (defaults)"] / rate["one per pass, no prefix cache"]],
+        [
+            "defaults / one per pass without cache",
+            rate["batched, grouped (defaults)"] / rate["one per pass, no prefix cache"],
+        ],
     ]
     table(["ratio of evaluations per second", "x"], [[a, f"{b:.2f}x"] for a, b in ratios])
     out(f"grouped and not grouped give the same values: {'yes' if same else 'NO'}")
     best = ratios[0][1]
-    out(f"target >= 3x (batched vs one coalition per pass, same game): {'met' if best >= 3 else 'NOT met'} ({best:.2f}x)")
+    out(
+        f"target >= 3x (batched vs one coalition per pass, same game): {'met' if best >= 3 else 'NOT met'} ({best:.2f}x)"
+    )
     return {label: results[label] for label in ("batched, grouped (defaults)", "batched, not grouped", "one per pass")}
 
 
@@ -723,8 +876,10 @@ def flops(model: Model, runs: dict, peak: float) -> None:
         with torch.inference_mode():
             game.model.run(frontier, torch.zeros(1, dtype=torch.long), torch.ones(1, game.n_players))
     suffix = counter.get_total_flops()
-    out(f"FLOPs per example: whole forward {forward:,}; masked suffix (run once per coalition row when not grouped) "
-        f"{suffix:,}; prefix (once per example per batch) {prefix:,}")
+    out(
+        f"FLOPs per example: whole forward {forward:,}; masked suffix (run once per coalition row when not grouped) "
+        f"{suffix:,}; prefix (once per example per batch) {prefix:,}"
+    )
     rows = []
     for label, (est, _, _, run_game, cfg) in runs.items():
         with FlopCounterMode(display=False) as counter:  # the same walks, counted (a counted run is slower)
@@ -732,10 +887,27 @@ def flops(model: Model, runs: dict, peak: float) -> None:
         per_evaluation = counter.get_total_flops() / counted.evaluations
         achieved = per_evaluation * est.evaluations / est.elapsed_s
         effective = suffix * est.rows / est.elapsed_s
-        rows.append([label, est.rows / est.elapsed_s, f"{per_evaluation / 1e6:,.1f}", achieved / 1e9,
-                     f"{100 * achieved / peak:.1f}%", effective / 1e9])
-    table(["run, section (b)", "rows/s", "MFLOP per evaluation (counted)", "achieved GFLOP/s", "achieved / peak",
-           "effective suffix GFLOP/s"], rows)
+        rows.append(
+            [
+                label,
+                est.rows / est.elapsed_s,
+                f"{per_evaluation / 1e6:,.1f}",
+                achieved / 1e9,
+                f"{100 * achieved / peak:.1f}%",
+                effective / 1e9,
+            ]
+        )
+    table(
+        [
+            "run, section (b)",
+            "rows/s",
+            "MFLOP per evaluation (counted)",
+            "achieved GFLOP/s",
+            "achieved / peak",
+            "effective suffix GFLOP/s",
+        ],
+        rows,
+    )
 
 
 # --------------------------------------------------------------------------- (d)
@@ -746,7 +918,9 @@ def sweep(model: Model, ref: torch.Tensor, scale: Scale, defaults_run: RunResult
     base = TMABConfig()
     batch = DEFAULT_BATCH
     variants: list[tuple[str, dict, int | None]] = [("defaults", {}, batch)]
-    variants += [(f"bound={b}", {"bound": b}, batch) for b in ("normal", "bernstein", "bernstein_observed") if b != base.bound]
+    variants += [
+        (f"bound={b}", {"bound": b}, batch) for b in ("normal", "bernstein", "bernstein_observed") if b != base.bound
+    ]
     variants += [(f"truncation={t}", {"truncation": t}, batch) for t in (0.0, 0.05, 0.1, 0.2) if t != base.truncation]
     variants += [(f"batch_size={b or 'all'}", {}, b) for b in (64, 128, None) if b != batch]
     variants += [(f"lanes={l}", {"lanes": l}, batch) for l in (1, 4, 8) if l != base.lanes]
@@ -761,26 +935,43 @@ def sweep(model: Model, ref: torch.Tensor, scale: Scale, defaults_run: RunResult
             if label == "defaults" and seed == SEED_TMAB:
                 runs.append(_cut(defaults_run, cap))
             else:
-                runs.append(tmab_run(model, ref, cap, seed=seed, batch_size=batch, confirm=scale.sweep_confirm, **changes))
+                runs.append(
+                    tmab_run(model, ref, cap, seed=seed, batch_size=batch, confirm=scale.sweep_confirm, **changes)
+                )
         stables = [r.stable for r in runs]
         reached = [s for s in stables if s is not None]
-        rows.append([
-            label,
-            both([f"{s.seconds:.1f}" if s else "not reached" for s in stables]),
-            both([s.rows if s else None for s in stables]),
-            both([s.iterations if s else None for s in stables]),
-            f"{len(reached)}/{len(runs)}",
-            both([r.stop.replace(" (cut from (a))", "*") for r in runs]),
-            sum(r.rows for r in runs) / max(1e-9, sum(r.seconds for r in runs)),
-            both([r.final_correct for r in runs]),
-        ])
-    out(f"digits CNN, one setting changed at a time from TMABConfig() (mode top, top_k 10); seeds "
+        rows.append(
+            [
+                label,
+                both([f"{s.seconds:.1f}" if s else "not reached" for s in stables]),
+                both([s.rows if s else None for s in stables]),
+                both([s.iterations if s else None for s in stables]),
+                f"{len(reached)}/{len(runs)}",
+                both([r.stop.replace(" (cut from (a))", "*") for r in runs]),
+                sum(r.rows for r in runs) / max(1e-9, sum(r.seconds for r in runs)),
+                both([r.final_correct for r in runs]),
+            ]
+        )
+    out(
+        f"digits CNN, one setting changed at a time from TMABConfig() (mode top, top_k 10); seeds "
         f"{' / '.join(map(str, scale.sweep_seeds))}; cap {cap:.0f} s per run; a run also stops once its top-10 has "
         f"stayed correct for max({scale.sweep_confirm}, half its permutations) permutations ('confirmed'). "
         f"*: the run of section (a) (seed {SEED_TMAB}) seen up to the cap. Two seeds per configuration: the time to a "
-        "stable-correct top-10 varies ~2x between seeds, so only larger differences mean something.")
-    table(["configuration", "time to stable-correct (s)", "rows then", "perms then", "reached", "stop", "rows/s",
-           "top-10 at stop correct"], rows)
+        "stable-correct top-10 varies ~2x between seeds, so only larger differences mean something."
+    )
+    table(
+        [
+            "configuration",
+            "time to stable-correct (s)",
+            "rows then",
+            "perms then",
+            "reached",
+            "stop",
+            "rows/s",
+            "top-10 at stop correct",
+        ],
+        rows,
+    )
 
 
 def _cut(run: RunResult, cap: float) -> RunResult:
@@ -789,8 +980,16 @@ def _cut(run: RunResult, cap: float) -> RunResult:
         return run
     pts = [p for p in run.points if p.seconds <= cap]
     last = pts[-1] if pts else Point(0, 0, 0, 0.0, False)
-    return RunResult(run.name, pts, last.iterations, last.evaluations, last.rows, last.seconds,
-                     "max_seconds (cut from (a))", last.correct)
+    return RunResult(
+        run.name,
+        pts,
+        last.iterations,
+        last.evaluations,
+        last.rows,
+        last.seconds,
+        "max_seconds (cut from (a))",
+        last.correct,
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -799,7 +998,9 @@ def _cut(run: RunResult, cap: float) -> RunResult:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny scale: checks that the benchmark still runs")
-    parser.add_argument("--sections", default="abcd", help="which sections to run (default: abcd); c needs b, d needs a")
+    parser.add_argument(
+        "--sections", default="abcd", help="which sections to run (default: abcd); c needs b, d needs a"
+    )
     parser.add_argument("--models", default="digits,wide", help="comma-separated: digits, wide")
     args = parser.parse_args(argv)
     kinds = [k for k in ("digits", "wide") if k in args.models.split(",")]
@@ -818,8 +1019,10 @@ def main(argv: list[str] | None = None) -> None:
         models = [build_model(kind, scale, split, Path(tmp)) for kind in kinds]
         for m in models:
             game = m.game(128)
-            out(f"{m.label}: {game.n_players:,} neurons; trained {scale.epochs} epochs in {m.train_s:.1f} s; "
-                f"eval set {len(m.data)} test examples, accuracy {m.accuracy:.3f}")
+            out(
+                f"{m.label}: {game.n_players:,} neurons; trained {scale.epochs} epochs in {m.train_s:.1f} s; "
+                f"eval set {len(m.data)} test examples, accuracy {m.accuracy:.3f}"
+            )
 
         for m in models if "a" in args.sections else []:
             section(f"(a) Time to a correct top-10: {m.label}")
@@ -829,8 +1032,10 @@ def main(argv: list[str] | None = None) -> None:
 
         batched = {}
         for m in models if "b" in args.sections else []:
-            section(f"(b) Evaluations per second: {m.label} (batch 128, truncation off, bandit off, "
-                    f"{scale.throughput_iterations[m.kind]} permutations each)")
+            section(
+                f"(b) Evaluations per second: {m.label} (batch 128, truncation off, bandit off, "
+                f"{scale.throughput_iterations[m.kind]} permutations each)"
+            )
             batched[m.kind] = throughput(m, scale.throughput_iterations[m.kind], scale)
 
         if "c" in args.sections:

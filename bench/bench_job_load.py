@@ -82,15 +82,22 @@ from tests.harness.stacks import api_process, settings_env, worker_process
 TENANTS = ("alpha", "beta", "gamma", "delta")
 TERMINAL = ("succeeded", "failed", "cancelled")
 # What each kind of job must end as.
-EXPECTED = {"plain": "succeeded", "retried": "succeeded", "cancel-queued": "cancelled", "cancel-running": "cancelled",
-            "bad-class": "failed"}
+EXPECTED = {
+    "plain": "succeeded",
+    "retried": "succeeded",
+    "cancel-queued": "cancelled",
+    "cancel-running": "cancelled",
+    "bad-class": "failed",
+}
 SMALL = {"metric": {"name": "accuracy"}, "estimator": {"top_k": 3, "max_iterations": 6}}
 SPECS = {
     "plain": SMALL,
     "retried": SMALL,
     "cancel-queued": SMALL,
-    "cancel-running": {"metric": {"name": "accuracy"}, "estimator": {"mode": "all", "half_width": 1e-6,
-                                                                       "max_seconds": 120}},
+    "cancel-running": {
+        "metric": {"name": "accuracy"},
+        "estimator": {"mode": "all", "half_width": 1e-6, "max_seconds": 120},
+    },
     "bad-class": {"metric": {"name": "class_recall", "class": 42}, "estimator": {"top_k": 3, "max_iterations": 6}},
 }
 END_LINE = re.compile(r"job ([0-9a-z_-]+): (succeeded|cancelled|failed)\b")
@@ -203,14 +210,32 @@ def drive(url: str, api_key: str, outcomes: list[Outcome], model: Path, data: Pa
         time.sleep(1.0)
 
 
-def run_load(url: str, keys: dict[str, str], model: Path, data: Path, scale: Scale, workers: list,
-             start_worker: Callable[[str], subprocess.Popen]) -> Run:
+def run_load(
+    url: str,
+    keys: dict[str, str],
+    model: Path,
+    data: Path,
+    scale: Scale,
+    workers: list,
+    start_worker: Callable[[str], subprocess.Popen],
+) -> Run:
     outcomes = [Outcome(i, kind_of(i), TENANTS[i % scale.clients % len(TENANTS)]) for i in range(scale.jobs)]
     throttled: list[int] = []
-    threads = [threading.Thread(target=drive, args=(url, keys[TENANTS[c % len(TENANTS)]],
-                                                    [o for o in outcomes if o.index % scale.clients == c],
-                                                    model, data, throttled), daemon=True)
-               for c in range(scale.clients)]
+    threads = [
+        threading.Thread(
+            target=drive,
+            args=(
+                url,
+                keys[TENANTS[c % len(TENANTS)]],
+                [o for o in outcomes if o.index % scale.clients == c],
+                model,
+                data,
+                throttled,
+            ),
+            daemon=True,
+        )
+        for c in range(scale.clients)
+    ]
     t0 = time.monotonic()
     for thread in threads:
         thread.start()
@@ -260,8 +285,10 @@ def verify(run: Run, database_url: str, logs: list[Path], url: str, keys: dict[s
         players = (job.progress or {}).get("players")
         stored_once = neurons.get(job.id) == distinct.get(job.id) == players and job.id in curves
         if job.state == "succeeded" and not stored_once:
-            problems.append(f"job {job.id}: {neurons.get(job.id)} neuron rows ({distinct.get(job.id)} distinct) for "
-                            f"{players} players, ablation curve {job.id in curves}")
+            problems.append(
+                f"job {job.id}: {neurons.get(job.id)} neuron rows ({distinct.get(job.id)} distinct) for "
+                f"{players} players, ablation curve {job.id in curves}"
+            )
         if job.state == "failed" and (neurons.get(job.id) or (job.error or {}).get("type") != "spec-error"):
             problems.append(f"job {job.id} failed with {job.error} and {neurons.get(job.id)} neuron rows")
     if checkpoints:
@@ -282,10 +309,14 @@ def verify(run: Run, database_url: str, logs: list[Path], url: str, keys: dict[s
         listed = {j["id"] for j in _all_jobs(url, key)}
         if listed != owned[tenant]:
             problems.append(f"tenant {tenant} lists {len(listed)} jobs, owns {len(owned[tenant])}")
-    counts = {"stored": len(jobs), "states": Counter(j.state for j in jobs.values()), "skipped": skipped,
-              "requeued": sum(text.count("stopped renewing the lease; requeued") for text in texts),
-              "abandoned": sum(text.count("while cancelling") for text in texts),
-              "resumed": sum(1 for j in jobs.values() if (j.summary or {}).get("resumed_from_iteration") is not None)}
+    counts = {
+        "stored": len(jobs),
+        "states": Counter(j.state for j in jobs.values()),
+        "skipped": skipped,
+        "requeued": sum(text.count("stopped renewing the lease; requeued") for text in texts),
+        "abandoned": sum(text.count("while cancelling") for text in texts),
+        "resumed": sum(1 for j in jobs.values() if (j.summary or {}).get("resumed_from_iteration") is not None),
+    }
     return problems, counts
 
 
@@ -309,8 +340,10 @@ def percentile(values: list[float], q: float) -> float | None:
 def report(run: Run, counts: dict, scale: Scale) -> None:
     section("Figures")
     ended = [o for o in run.outcomes if o.first_terminal]
-    out(f"{len(run.outcomes)} jobs from {scale.clients} clients ({len(TENANTS)} tenants), {scale.workers} workers; "
-        f"wall {run.wall_s:.1f} s, {len(ended) / run.wall_s:.2f} jobs/s ended")
+    out(
+        f"{len(run.outcomes)} jobs from {scale.clients} clients ({len(TENANTS)} tenants), {scale.workers} workers; "
+        f"wall {run.wall_s:.1f} s, {len(ended) / run.wall_s:.2f} jobs/s ended"
+    )
     if run.killed_at_s is not None:
         out(f"worker 1 SIGKILLed at {run.killed_at_s:.1f} s, a replacement started 3 s later")
     out()
@@ -319,16 +352,29 @@ def report(run: Run, counts: dict, scale: Scale) -> None:
         mine = [o for o in run.outcomes if o.kind == kind]
         submit_ms = [o.submit_s * 1000 for o in mine]
         to_end = [o.to_end_s for o in mine if o.first_terminal]
-        rows.append([kind, len(mine), EXPECTED[kind], sum(o.first_terminal == EXPECTED[kind] for o in mine),
-                     percentile(submit_ms, 0.5), percentile(submit_ms, 0.99), percentile(to_end, 0.5),
-                     percentile(to_end, 0.99)])
-    table(["kind", "jobs", "must end", "did", "submit p50 (ms)", "submit p99 (ms)", "to end p50 (s)", "to end p99 (s)"],
-          rows)
+        rows.append(
+            [
+                kind,
+                len(mine),
+                EXPECTED[kind],
+                sum(o.first_terminal == EXPECTED[kind] for o in mine),
+                percentile(submit_ms, 0.5),
+                percentile(submit_ms, 0.99),
+                percentile(to_end, 0.5),
+                percentile(to_end, 0.99),
+            ]
+        )
+    table(
+        ["kind", "jobs", "must end", "did", "submit p50 (ms)", "submit p99 (ms)", "to end p50 (s)", "to end p99 (s)"],
+        rows,
+    )
     states = ", ".join(f"{n} {s}" for s, n in sorted(counts["states"].items()))
     out(f"stored: {counts['stored']} jobs ({states}); 429s waited out: {run.throttled}")
-    out(f"after the kill: reconcilers requeued {counts['requeued']} job(s) with an expired lease and ended "
+    out(
+        f"after the kill: reconcilers requeued {counts['requeued']} job(s) with an expired lease and ended "
         f"{counts['abandoned']} cancellation(s); {counts['resumed']} job(s) resumed from a checkpoint "
-        "(a redelivered message may claim an expired lease first)")
+        "(a redelivered message may claim an expired lease first)"
+    )
     out(f"deliveries skipped by the claim (cancelled while queued, or sent twice): {counts['skipped']}")
     all_ends = [o.to_end_s for o in ended]
     if all_ends:
@@ -350,16 +396,30 @@ def main(argv: list[str] | None = None) -> int:
     # The broker queue and the bus keys are this run's own (a namespace, dropped at the end): runs beside this one,
     # the test suite's included, keep their jobs.
     ns = namespace()
-    with tempfile.TemporaryDirectory(prefix="neuronshap-load-") as tmp_name, postgres_schema() as database_url, \
-            contextlib.ExitStack() as cleanup:
+    with (
+        tempfile.TemporaryDirectory(prefix="neuronshap-load-") as tmp_name,
+        postgres_schema() as database_url,
+        contextlib.ExitStack() as cleanup,
+    ):
         cleanup.callback(ns.drop)
         tmp = Path(tmp_name)
         model, data = write_fixture(tmp)
-        settings = Settings(data_dir=tmp, database_url=database_url, broker_url=REDIS_URL, redis_url=REDIS_URL,
-                            blob_dir=tmp / "blobs", migrate_on_start=False, require_api_keys=True,
-                            max_active_jobs_per_tenant=scale.jobs,
-                            lease_s=3, reconcile_interval_s=1, requeue_after_s=10, checkpoint_interval_s=1,
-                            cancel_poll_s=0.5, **ns.settings())
+        settings = Settings(
+            data_dir=tmp,
+            database_url=database_url,
+            broker_url=REDIS_URL,
+            redis_url=REDIS_URL,
+            blob_dir=tmp / "blobs",
+            migrate_on_start=False,
+            require_api_keys=True,
+            max_active_jobs_per_tenant=scale.jobs,
+            lease_s=3,
+            reconcile_interval_s=1,
+            requeue_after_s=10,
+            checkpoint_interval_s=1,
+            cancel_poll_s=0.5,
+            **ns.settings(),
+        )
         migrate(database_url)
         with session_factory(database_url)() as session:
             keys = {tenant: create_key(session, tenant)[1] for tenant in TENANTS}
@@ -382,8 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         section("Checks")
         for problem in problems[:50]:
             out(f"VIOLATION: {problem}")
-        out("every job ended once, in the state it must; results stored once; nothing stuck"
-            if not problems else f"{len(problems)} violations")
+        out(
+            "every job ended once, in the state it must; results stored once; nothing stuck"
+            if not problems
+            else f"{len(problems)} violations"
+        )
         return 1 if problems else 0
 
 

@@ -41,8 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("digits", "wide"):
             model = build_model(kind, scale, split, Path(tmp))
-            print(f"\n{model.label}: TMABConfig(mode='top', top_k=10, seed=2), {iterations[kind]} permutations, batch 128")
-            print(f"{'memory_bytes':>14}{'coalitions/pass':>17}{'time (s)':>10}{'rows/s':>10}{'evaluations':>13}  same estimate")
+            print(
+                f"\n{model.label}: TMABConfig(mode='top', top_k=10, seed=2), {iterations[kind]} permutations, batch 128"
+            )
+            print(
+                f"{'memory_bytes':>14}{'coalitions/pass':>17}{'time (s)':>10}{'rows/s':>10}{'evaluations':>13}  same estimate"
+            )
             first = None
             for budget in BUDGETS:
                 game = NeuronGame(model.graph, model.data, MetricSpec("accuracy"), batch_size=128, memory_bytes=budget)
@@ -55,7 +59,10 @@ def main(argv: list[str] | None = None) -> None:
                 first = est.values if first is None else first
                 per_pass = min(cfg.coalitions_per_pass, game.max_coalitions_per_pass)
                 label = "default" if budget is None else f"{budget >> 20} MiB" if budget >= 1 << 20 else str(budget)
-                print(f"{label:>14}{per_pass:>17}{dt:>10.1f}{est.rows / dt:>10.0f}{est.evaluations:>13}  {same}", flush=True)
+                print(
+                    f"{label:>14}{per_pass:>17}{dt:>10.1f}{est.rows / dt:>10.0f}{est.evaluations:>13}  {same}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -97,10 +97,28 @@ class Scale:
     cross_repeats: int
 
 
-FULL = Scale("full", epochs={"digits CNN": 5, "wide CNN": 1}, wide_width=1024, eval_examples=None, warmup_cap_s=90.0,
-             intervals=(DEFAULT_INTERVAL, 0.2, 0.0), budget_s=15.0, cross_seconds=4.0, cross_repeats=2)
-QUICK = Scale("quick", epochs={"digits CNN": 1, "wide CNN": 1}, wide_width=64, eval_examples=64, warmup_cap_s=1.5,
-              intervals=(DEFAULT_INTERVAL, 0.2, 0.0), budget_s=1.5, cross_seconds=1.0, cross_repeats=1)
+FULL = Scale(
+    "full",
+    epochs={"digits CNN": 5, "wide CNN": 1},
+    wide_width=1024,
+    eval_examples=None,
+    warmup_cap_s=90.0,
+    intervals=(DEFAULT_INTERVAL, 0.2, 0.0),
+    budget_s=15.0,
+    cross_seconds=4.0,
+    cross_repeats=2,
+)
+QUICK = Scale(
+    "quick",
+    epochs={"digits CNN": 1, "wide CNN": 1},
+    wide_width=64,
+    eval_examples=64,
+    warmup_cap_s=1.5,
+    intervals=(DEFAULT_INTERVAL, 0.2, 0.0),
+    budget_s=1.5,
+    cross_seconds=1.0,
+    cross_repeats=1,
+)
 
 
 class CountingBus(RedisBus):
@@ -157,15 +175,23 @@ class Bench:
 
     def warm_up(self, label: str, model_blob: str, data_blob: str, cap_s: float) -> Model:
         """Run the job's game (as the runner builds it) until fewer than half its neurons are undecided."""
-        game = NeuronGame(load_model(self._linked(model_blob, "onnx")), load_data(self._linked(data_blob, "npz")),
-                          MetricSpec("accuracy"), batch_size=self.batch_size)
+        game = NeuronGame(
+            load_model(self._linked(model_blob, "onnx")),
+            load_data(self._linked(data_blob, "npz")),
+            MetricSpec("accuracy"),
+            batch_size=self.batch_size,
+        )
         last: list[RoundProgress] = []
 
         def on_progress(progress: RoundProgress) -> None:
             last[:] = [progress]
 
-        run_tmab(game, TMABConfig(max_seconds=cap_s), on_progress=on_progress,
-                 should_stop=lambda: bool(last) and last[0].undecided < game.n_players / 2)
+        run_tmab(
+            game,
+            TMABConfig(max_seconds=cap_s),
+            on_progress=on_progress,
+            should_stop=lambda: bool(last) and last[0].undecided < game.n_players / 2,
+        )
         if not last:
             return Model(label, model_blob, game.n_players, None, 0, 0.0)
         estimate = last[0].estimate
@@ -180,8 +206,14 @@ class Bench:
 
     def run(self, model: Model, data_blob: str, interval: float, budget: dict) -> Run:
         """A job resumed from the model's warm-up checkpoint; ``budget`` counts from the checkpoint."""
-        settings = Settings(data_dir=self.root, database_url=self.database_url, redis_url=self.redis_url,
-                            blob_dir=self.store.root, publish_interval_s=interval, **self.namespace.settings())
+        settings = Settings(
+            data_dir=self.root,
+            database_url=self.database_url,
+            redis_url=self.redis_url,
+            blob_dir=self.store.root,
+            publish_interval_s=interval,
+            **self.namespace.settings(),
+        )
         estimator = {"batch_size": self.batch_size}
         if "max_seconds" in budget:
             estimator["max_seconds"] = model.warm_s + budget["max_seconds"]
@@ -190,13 +222,28 @@ class Bench:
         spec = JobSpec.model_validate({"metric": {"name": "accuracy"}, "estimator": estimator})
         job_id = f"j_{secrets.token_hex(10)}"
         with session_factory(self.database_url)() as session:
-            session.add(Job(id=job_id, tenant=DEFAULT_TENANT, state="queued", name=None,
-                            spec=spec.model_dump(mode="json", by_alias=True), model_blob=model.blob,
-                            model_format="onnx", data_blob=data_blob, data_format="npz", created_at=now(),
-                            progress=Progress().model_dump(), cancel_requested=False))
+            session.add(
+                Job(
+                    id=job_id,
+                    tenant=DEFAULT_TENANT,
+                    state="queued",
+                    name=None,
+                    spec=spec.model_dump(mode="json", by_alias=True),
+                    model_blob=model.blob,
+                    model_format="onnx",
+                    data_blob=data_blob,
+                    data_format="npz",
+                    created_at=now(),
+                    progress=Progress().model_dump(),
+                    cancel_requested=False,
+                )
+            )
             if model.checkpoint is not None:
-                session.add(JobCheckpoint(job_id=job_id, state=model.checkpoint, iterations=model.warm_iterations,
-                                          saved_at=now()))
+                session.add(
+                    JobCheckpoint(
+                        job_id=job_id, state=model.checkpoint, iterations=model.warm_iterations, saved_at=now()
+                    )
+                )
             session.commit()
         bus = CountingBus(self.redis_url, settings.redis_prefix)
         t, cpu = time.perf_counter(), time.process_time()
@@ -208,8 +255,16 @@ class Bench:
                 raise RuntimeError(f"job {job_id} ended {state}: {job.error}")
             summary = job.summary
         size = len(json.dumps(bus.last_snapshot)) if bus.last_snapshot is not None else None
-        return Run(wall_s, cpu_s, summary["elapsed_s"] - model.warm_s, summary["iterations"] - model.warm_iterations,
-                   summary["evaluations"], summary["publish_s"], bus.publications, size)
+        return Run(
+            wall_s,
+            cpu_s,
+            summary["elapsed_s"] - model.warm_s,
+            summary["iterations"] - model.warm_iterations,
+            summary["evaluations"],
+            summary["publish_s"],
+            bus.publications,
+            size,
+        )
 
 
 def write_models(root: Path, scale: Scale) -> tuple[dict[str, Path], Path, dict[str, float]]:
@@ -252,24 +307,54 @@ def share_table(bench: Bench, models: list[Model], data_blob: str, scale: Scale)
             if interval == DEFAULT_INTERVAL:
                 rates[m.label] = r.iterations / r.estimator_s if r.estimator_s > 0 else 0.0
                 default_shares.append(r.publish_s / r.estimator_s if r.estimator_s > 0 else 0.0)
-            rows.append([m.label, interval_label(interval), r.wall_s, r.estimator_s, r.iterations,
-                         r.estimator_s / (r.iterations / LANES) if r.iterations else None, r.publications,
-                         r.publish_s, percent(r.publish_s, r.wall_s), percent(r.publish_s, r.estimator_s),
-                         1000 * r.publish_s / r.publications if r.publications else None,
-                         r.snapshot_bytes / 1024 if r.snapshot_bytes else None])
-    table(["model", "interval (s)", "job wall (s)", "estimator (s)", "permutations", "s/round", "publications",
-           "publishing (s)", "share of job (%)", "share of estimator (%)", "ms/publication", "snapshot (KiB)"], rows)
+            rows.append(
+                [
+                    m.label,
+                    interval_label(interval),
+                    r.wall_s,
+                    r.estimator_s,
+                    r.iterations,
+                    r.estimator_s / (r.iterations / LANES) if r.iterations else None,
+                    r.publications,
+                    r.publish_s,
+                    percent(r.publish_s, r.wall_s),
+                    percent(r.publish_s, r.estimator_s),
+                    1000 * r.publish_s / r.publications if r.publications else None,
+                    r.snapshot_bytes / 1024 if r.snapshot_bytes else None,
+                ]
+            )
+    table(
+        [
+            "model",
+            "interval (s)",
+            "job wall (s)",
+            "estimator (s)",
+            "permutations",
+            "s/round",
+            "publications",
+            "publishing (s)",
+            "share of job (%)",
+            "share of estimator (%)",
+            "ms/publication",
+            "snapshot (KiB)",
+        ],
+        rows,
+    )
     worst = max(default_shares)
-    out(f"Target: publishing < {TARGET_SHARE:.0%} of a job's time at the default interval ({DEFAULT_INTERVAL:g} s): "
+    out(
+        f"Target: publishing < {TARGET_SHARE:.0%} of a job's time at the default interval ({DEFAULT_INTERVAL:g} s): "
         f"{'MET' if worst < TARGET_SHARE else 'NOT MET'} here; the largest share at the default interval is "
-        f"{worst:.2%} of the estimator's time (a job's wall time also holds loading the model and the ablation check).")
+        f"{worst:.2%} of the estimator's time (a job's wall time also holds loading the model and the ablation check)."
+    )
     return rates
 
 
 def cross_check(bench: Bench, models: list[Model], data_blob: str, scale: Scale, rates: dict[str, float]) -> None:
     intervals = (OFF, *[i for i in (DEFAULT_INTERVAL, 0.0) if i in scale.intervals])
-    section(f"Cross-check: job wall and CPU time with publication off and on; same checkpoint, seed and permutations; "
-            f"{scale.cross_repeats} run(s) each, in turn (the order reversed every other time)")
+    section(
+        f"Cross-check: job wall and CPU time with publication off and on; same checkpoint, seed and permutations; "
+        f"{scale.cross_repeats} run(s) each, in turn (the order reversed every other time)"
+    )
     rows, notes = [], []
     for m in models:
         iterations = max(LANES, int(rates[m.label] * scale.cross_seconds) // LANES * LANES)
@@ -281,21 +366,45 @@ def cross_check(bench: Bench, models: list[Model], data_blob: str, scale: Scale,
         off_wall, off_cpu = mean(r.wall_s for r in runs[OFF]), mean(r.cpu_s for r in runs[OFF])
         for interval, rs in runs.items():
             wall, cpu = mean(r.wall_s for r in rs), mean(r.cpu_s for r in rs)
-            rows.append([m.label, interval_label(interval), iterations, ", ".join(f"{r.wall_s:.2f}" for r in rs),
-                         wall - off_wall, ", ".join(f"{r.cpu_s:.2f}" for r in rs), cpu - off_cpu,
-                         mean(r.publications for r in rs), mean(r.publish_s for r in rs)])
+            rows.append(
+                [
+                    m.label,
+                    interval_label(interval),
+                    iterations,
+                    ", ".join(f"{r.wall_s:.2f}" for r in rs),
+                    wall - off_wall,
+                    ", ".join(f"{r.cpu_s:.2f}" for r in rs),
+                    cpu - off_cpu,
+                    mean(r.publications for r in rs),
+                    mean(r.publish_s for r in rs),
+                ]
+            )
         same = "identical" if len(evaluations) == 1 else f"NOT identical ({sorted(evaluations)})"
         if scale.cross_repeats > 1:
             wall_spread = max(r.wall_s for r in runs[OFF]) - min(r.wall_s for r in runs[OFF])
             cpu_spread = max(r.cpu_s for r in runs[OFF]) - min(r.cpu_s for r in runs[OFF])
-            noise = (f"the runs with publication off differ by {wall_spread:.2f} s wall ({percent(wall_spread, off_wall):.1f}%) "
-                     f"and {cpu_spread:.2f} s CPU ({percent(cpu_spread, off_cpu):.1f}%) from each other: "
-                     "differences below that are noise")
+            noise = (
+                f"the runs with publication off differ by {wall_spread:.2f} s wall ({percent(wall_spread, off_wall):.1f}%) "
+                f"and {cpu_spread:.2f} s CPU ({percent(cpu_spread, off_cpu):.1f}%) from each other: "
+                "differences below that are noise"
+            )
         else:
             noise = "one run each: no noise estimate"
         notes.append(f"{m.label}: work {same} across runs ({min(evaluations):,} evaluations in all); {noise}.")
-    table(["model", "interval (s)", "permutations", "job wall per run (s)", "wall minus off (s)", "job CPU per run (s)",
-           "CPU minus off (s)", "publications", "runner's publishing (s)"], rows)
+    table(
+        [
+            "model",
+            "interval (s)",
+            "permutations",
+            "job wall per run (s)",
+            "wall minus off (s)",
+            "job CPU per run (s)",
+            "CPU minus off (s)",
+            "publications",
+            "runner's publishing (s)",
+        ],
+        rows,
+    )
     for note in notes:
         out(note)
 
@@ -310,16 +419,23 @@ def main(argv: list[str] | None = None) -> None:
     section(f"Publication share benchmark ({scale.name} scale)")
     for line in machine_lines():
         out(line)
-    out("Jobs run in this process; PostgreSQL and Redis run on the same machine, and other processes may share "
-        "its CPUs.")
-    with tempfile.TemporaryDirectory(prefix="bench-publish-") as tmp, postgres_schema() as database_url, \
-            contextlib.ExitStack() as cleanup:
+    out(
+        "Jobs run in this process; PostgreSQL and Redis run on the same machine, and other processes may share "
+        "its CPUs."
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-publish-") as tmp,
+        postgres_schema() as database_url,
+        contextlib.ExitStack() as cleanup,
+    ):
         root = Path(tmp)
         migrate(database_url)
         t = time.monotonic()
         paths, data, accuracy = write_models(root, scale)
-        out(f"trained and exported in {time.monotonic() - t:.1f} s; eval set: "
-            f"{scale.eval_examples or 'all 450'} test examples, batches of {args.batch_size}")
+        out(
+            f"trained and exported in {time.monotonic() - t:.1f} s; eval set: "
+            f"{scale.eval_examples or 'all 450'} test examples, batches of {args.batch_size}"
+        )
         bench = Bench(root, database_url, args.batch_size)
         cleanup.callback(bench.namespace.drop)
         data_blob = bench.upload(data)
@@ -327,9 +443,11 @@ def main(argv: list[str] | None = None) -> None:
         for label, path in paths.items():
             m = bench.warm_up(label, bench.upload(path), data_blob, scale.warmup_cap_s)
             models.append(m)
-            out(f"{label}: {m.players:,} neurons, {scale.epochs[label]} epochs, accuracy {accuracy[label]:.3f}; "
+            out(
+                f"{label}: {m.players:,} neurons, {scale.epochs[label]} epochs, accuracy {accuracy[label]:.3f}; "
                 f"warm-up checkpoint after {m.warm_iterations} permutations, {m.warm_s:.1f} s"
-                + ("" if m.checkpoint else " (no round finished: its jobs start afresh)"))
+                + ("" if m.checkpoint else " (no round finished: its jobs start afresh)")
+            )
         rates = share_table(bench, models, data_blob, scale)
         cross_check(bench, models, data_blob, scale, rates)
         get_engine(database_url).dispose()  # its connections would hold the schema that is dropped next

@@ -53,8 +53,18 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-__all__ = ["DigitsCNN", "WideDigitsCNN", "load_digits_split", "seed_everything", "build", "train", "portable_kernels",
-           "export_onnx", "export_pt2", "save_eval_npz"]
+__all__ = [
+    "DigitsCNN",
+    "WideDigitsCNN",
+    "load_digits_split",
+    "seed_everything",
+    "build",
+    "train",
+    "portable_kernels",
+    "export_onnx",
+    "export_pt2",
+    "save_eval_npz",
+]
 
 
 class DigitsCNN(nn.Module):
@@ -150,8 +160,9 @@ def _reproducible_kernels() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0,
-          reproducible: bool = False) -> nn.Module:
+def train(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0, reproducible: bool = False
+) -> nn.Module:
     """Adam training; returns the model in eval mode.
 
     The batch order comes from a generator of its own seeded with ``seed``,
@@ -202,7 +213,12 @@ def export_pt2(model: nn.Module, path: str | Path, example: torch.Tensor) -> Non
 
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor) -> None:
     torch.onnx.export(
-        model.eval(), (example,), str(path), dynamo=False, input_names=["x"], output_names=["logits"],
+        model.eval(),
+        (example,),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["logits"],
         dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
     )
 
@@ -215,8 +231,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--wide", action="store_true", help="the 1,040-neuron CNN instead of the 112-neuron one")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the initial weights, the train/test split and the batch order (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the initial weights, the train/test split and the batch order (default 0)",
+    )
     args = parser.parse_args()
     args.outdir.mkdir(parents=True, exist_ok=True)
     x_tr, y_tr, x_te, y_te = load_digits_split(seed=args.seed)
@@ -228,8 +248,10 @@ def main() -> None:
     save_eval_npz(args.outdir / "digits_eval.npz", x_te, y_te)
     digest = hashlib.sha256((args.outdir / "digits_cnn.onnx").read_bytes()).hexdigest()
     print(f"test accuracy {accuracy:.3f}; wrote digits_cnn.onnx, digits_cnn.pt2, digits_eval.npz to {args.outdir}")
-    print(f"seed {args.seed}, torch {torch.__version__}: digits_cnn.onnx sha256 {digest[:16]} (the same on every run)",
-          flush=True)
+    print(
+        f"seed {args.seed}, torch {torch.__version__}: digits_cnn.onnx sha256 {digest[:16]} (the same on every run)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

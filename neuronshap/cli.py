@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "estimate",
         help="rank the neurons of a model on an evaluation set (TMAB-Shapley)",
         description="Estimate the Shapley value of every chosen neuron for a metric, with confidence bounds. "
-                    "The options are the job spec's fields (docs/API.md), checked before the model loads.",
+        "The options are the job spec's fields (docs/API.md), checked before the model loads.",
     )
     est.add_argument("model", type=Path, help="an ONNX model (.onnx) or a torch.export program (.pt2)")
     est.add_argument("data", type=Path, help=".npz or .safetensors with `inputs`, `labels` and optionally `groups`")
@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         tuning.add_argument(_option(name), dest=name, choices=choices, type=number, help=f"{info.description}{default}")
     est.add_argument("--device", help="cpu, cuda, cuda:1 … (default: the GPU if there is one)")
     est.add_argument("--limit", type=int, default=20, help="neurons to print as text (--json prints all)")
-    est.add_argument("--json", action="store_true", help="print the ranked neurons as a JSON list (docs/API.md's shape)")
+    est.add_argument(
+        "--json", action="store_true", help="print the ranked neurons as a JSON list (docs/API.md's shape)"
+    )
     est.set_defaults(handler=cmd_estimate)
 
     serve = commands.add_parser("serve", help="run the HTTP API (embedded defaults unless NEURONSHAP_* says otherwise)")
@@ -95,15 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(handler=cmd_keys_revoke)
 
     def client_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", type=_service_url, default=os.environ.get("NEURONSHAP_URL", DEFAULT_URL),
-                       help=f"the service, e.g. {DEFAULT_URL} (default $NEURONSHAP_URL, else that); "
-                            "host:port means http://host:port")
+        p.add_argument(
+            "--url",
+            type=_service_url,
+            default=os.environ.get("NEURONSHAP_URL", DEFAULT_URL),
+            help=f"the service, e.g. {DEFAULT_URL} (default $NEURONSHAP_URL, else that); "
+            "host:port means http://host:port",
+        )
         p.add_argument("--api-key", default=os.environ.get("NEURONSHAP_API_KEY"), help="default $NEURONSHAP_API_KEY")
 
     submit = commands.add_parser("submit", help="submit a job to the service")
     submit.add_argument("model", type=Path)
     submit.add_argument("data", type=Path)
-    submit.add_argument("--spec", required=True, type=Path, help="a JSON file with the job spec (docs/API.md, schema JobSpec)")
+    submit.add_argument(
+        "--spec", required=True, type=Path, help="a JSON file with the job spec (docs/API.md, schema JobSpec)"
+    )
     submit.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
     submit.add_argument("--wait", action="store_true", help="follow the job to its end, then print the top neurons")
     submit.add_argument("--limit", type=int, default=10, help="neurons to print with --wait")
@@ -155,8 +163,10 @@ def _explain(exc: Exception, args: argparse.Namespace) -> tuple[str | None, int]
         return str(exc), EXIT_USER_ERROR if 400 <= exc.status < 500 else EXIT_JOB_FAILED
     httpx = sys.modules.get("httpx")
     if httpx is not None and isinstance(exc, httpx.TransportError):
-        return (f"cannot reach the service at {args.url} ({exc}); start it with `neuronshap serve` or pass --url.",
-                EXIT_JOB_FAILED)
+        return (
+            f"cannot reach the service at {args.url} ({exc}); start it with `neuronshap serve` or pass --url.",
+            EXIT_JOB_FAILED,
+        )
     return None, 0
 
 
@@ -259,8 +269,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _worker_per_gpu(args)
     from worker.tasks import app, settings
 
-    app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "--queues", settings.queue_name,
-                     "--loglevel", "INFO", "--hostname", f"{args.name}@%h", "--without-gossip", "--without-mingle"])
+    app.worker_main(
+        [
+            "worker",
+            "--pool",
+            "solo",
+            "--concurrency",
+            "1",
+            "--queues",
+            settings.queue_name,
+            "--loglevel",
+            "INFO",
+            "--hostname",
+            f"{args.name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
     return 0
 
 
@@ -335,9 +360,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for kind, data in client.events(job["id"]):
         if kind == "progress" and time.monotonic() - shown >= 5.0:
             shown = time.monotonic()
-            print(f"  {data['iterations']} permutations, {data['evaluations']} evaluations, "
-                  f"{data['players'] - data['undecided']}/{data['players']} decided, {data['elapsed_s']:.1f}s",
-                  file=sys.stderr)
+            print(
+                f"  {data['iterations']} permutations, {data['evaluations']} evaluations, "
+                f"{data['players'] - data['undecided']}/{data['players']} decided, {data['elapsed_s']:.1f}s",
+                file=sys.stderr,
+            )
         elif kind == "state" and data["state"] != state:  # the stream starts with the state already shown
             state = data["state"]
             print(f"job {job['id']} {state}", file=sys.stderr)
@@ -373,8 +400,10 @@ def _print_neurons(neurons: list[dict], as_json: bool) -> None:
         return
     print(f"{'rank':>5} {'layer':<24} {'index':>6} {'value':>10} {'lower':>10} {'upper':>10} {'samples':>8}  status")
     for n in neurons:
-        print(f"{n['rank']:>5} {n['layer']:<24} {n['index']:>6} {n['value']:>10.5f} {n['lower']:>10.5f} "
-              f"{n['upper']:>10.5f} {n['samples']:>8}  {n['status']}")
+        print(
+            f"{n['rank']:>5} {n['layer']:<24} {n['index']:>6} {n['value']:>10.5f} {n['lower']:>10.5f} "
+            f"{n['upper']:>10.5f} {n['samples']:>8}  {n['status']}"
+        )
 
 
 class ProgressBar:
@@ -394,8 +423,10 @@ class ProgressBar:
         est = progress.estimate
         decided = self.players - progress.undecided
         filled = round(self.width * decided / self.players)
-        line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {decided}/{self.players} decided | "
-                f"{est.iterations} permutations | {est.evaluations} evaluations | {est.elapsed_s:.1f}s")
+        line = (
+            f"[{'#' * filled}{'.' * (self.width - filled)}] {decided}/{self.players} decided | "
+            f"{est.iterations} permutations | {est.evaluations} evaluations | {est.elapsed_s:.1f}s"
+        )
         self.stream.write(f"\r{line}\033[K" if self.tty else line + "\n")
         self.stream.flush()
         self.drawn = True
@@ -409,11 +440,13 @@ class ProgressBar:
 def print_table(neurons: list[dict], summary: dict, limit: int, bottom_first: bool) -> None:
     rows = list(reversed(neurons)) if bottom_first else neurons
     game = summary["game"]
-    print(f"metric {game['metric']['name']}: V(all) = {_fmt(summary['v_full'])}, V(none) = {_fmt(summary['v_empty'])}; "
-          f"{summary['players']} neurons, {summary['undecided']} undecided; "
-          f"{summary['iterations']} permutations, {summary['evaluations']} evaluations, "
-          f"{summary['elapsed_s']:.1f}s; stopped: {summary['stop_reason']}; "
-          f"bound {summary['estimator']['bound']}, ablation {game['ablation']}")
+    print(
+        f"metric {game['metric']['name']}: V(all) = {_fmt(summary['v_full'])}, V(none) = {_fmt(summary['v_empty'])}; "
+        f"{summary['players']} neurons, {summary['undecided']} undecided; "
+        f"{summary['iterations']} permutations, {summary['evaluations']} evaluations, "
+        f"{summary['elapsed_s']:.1f}s; stopped: {summary['stop_reason']}; "
+        f"bound {summary['estimator']['bound']}, ablation {game['ablation']}"
+    )
     _print_neurons(rows[:limit], as_json=False)
 
 

@@ -35,8 +35,9 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 class Client:
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0,
-                 unavailable_s: float = 300.0) -> None:
+    def __init__(
+        self, base_url: str, api_key: str | None = None, timeout: float = 60.0, unavailable_s: float = 300.0
+    ) -> None:
         """``unavailable_s``: how long requests wait out a service that answers 503 (a database restarting)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.unavailable_s = unavailable_s
@@ -61,6 +62,7 @@ class Client:
         attempt made, never a second one."""
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         with open(model, "rb") as m, open(data, "rb") as d:
+
             def send() -> httpx.Response:
                 m.seek(0)
                 d.seek(0)
@@ -95,7 +97,9 @@ class Client:
     def job(self, job_id: str) -> dict:
         return self._get(f"/v1/jobs/{job_id}").json()
 
-    def neurons(self, job_id: str, limit: int | None = None, order: str = "desc", layer: str | None = None) -> list[dict]:
+    def neurons(
+        self, job_id: str, limit: int | None = None, order: str = "desc", layer: str | None = None
+    ) -> list[dict]:
         """Up to ``limit`` ranked neurons (all when None), following the pages."""
         out: list[dict] = []
         cursor = None

@@ -57,8 +57,14 @@ def test_keys_command_creates_and_revokes(tmp_path):
     env = os.environ | {"NEURONSHAP_DATA_DIR": str(tmp_path)}
 
     def keys(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "neuronshap", "keys", *args], cwd=stacks.ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "neuronshap", "keys", *args],
+            cwd=stacks.ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     created = keys("create", "--tenant", "ml-platform", "--name", "nightly")
     assert created.returncode == 0, created.stderr

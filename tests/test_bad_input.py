@@ -8,7 +8,15 @@ import torch
 
 from examples.digits import DigitsCNN
 from worker.shapley import (
-    DataError, MetricSpec, ModelError, NeuronGame, SpecError, TMABConfig, load_data, load_model, run_tmab,
+    DataError,
+    MetricSpec,
+    ModelError,
+    NeuronGame,
+    SpecError,
+    TMABConfig,
+    load_data,
+    load_model,
+    run_tmab,
 )
 from tests.harness.models import write_npz
 
@@ -75,7 +83,10 @@ def test_metric_specs_that_make_no_sense(tiny_cnn, metric, message):
     [
         (dict(inputs=np.zeros((0, 1, 8, 8), np.float32), labels=np.zeros(0, np.int64)), "`inputs` is empty"),
         (dict(inputs=np.full((4, 1, 8, 8), np.nan, np.float32), labels=np.zeros(4, np.int64)), "NaN"),
-        (dict(inputs=np.zeros((4, 1, 8, 8), np.float32), labels=np.zeros(3, np.int64)), r"shape \(3,\) but `inputs` has 4"),
+        (
+            dict(inputs=np.zeros((4, 1, 8, 8), np.float32), labels=np.zeros(3, np.int64)),
+            r"shape \(3,\) but `inputs` has 4",
+        ),
         (dict(inputs=np.zeros((4, 1, 8, 8), np.float32)), "no array named 'labels'"),
         (dict(inputs=np.zeros((4, 1, 8, 8), np.int32), labels=np.zeros(4, np.int64)), "save it as float32"),
         (dict(inputs=np.zeros((4, 1, 8, 8), np.float32), labels=np.array([0, 1, -1, 2])), "negative"),

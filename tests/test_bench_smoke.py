@@ -17,22 +17,56 @@ pytestmark = [pytest.mark.bench, pytest.mark.slow]
 SERVICE = pytest.mark.service  # PostgreSQL and Redis (and, for two of them, a worker and a served API)
 
 
-@pytest.mark.parametrize("module, headings, timeout", [
-    ("bench.bench_estimator", ("(a) Time to a correct top-10", "(b) Evaluations per second", "(c) Achieved FLOP/s",
-                               "(d) Defaults sweep"), 600),
-    pytest.param("bench.bench_api_load", ("full stack: PostgreSQL + Redis", "embedded default: SQLite", "req/s",
-                                          "p50 (ms)", "p99 (ms)", "errors"), 300, marks=SERVICE),
-    pytest.param("bench.bench_publish_share", ("Time spent publishing", "share of job (%)", "ms/publication",
-                                               "Cross-check", "minus off (s)", "Target: publishing < 2%"), 300,
-                 marks=SERVICE),
-    # Exits 1 on any violation: at this scale too, every job must end once, stored once, nothing stuck.
-    pytest.param("bench.bench_job_load", ("Figures", "submit p99 (ms)", "to end p99 (s)", "Checks",
-                                          "every job ended once, in the state it must; results stored once; "
-                                          "nothing stuck"), 300, marks=SERVICE),
-])
+@pytest.mark.parametrize(
+    "module, headings, timeout",
+    [
+        (
+            "bench.bench_estimator",
+            ("(a) Time to a correct top-10", "(b) Evaluations per second", "(c) Achieved FLOP/s", "(d) Defaults sweep"),
+            600,
+        ),
+        pytest.param(
+            "bench.bench_api_load",
+            ("full stack: PostgreSQL + Redis", "embedded default: SQLite", "req/s", "p50 (ms)", "p99 (ms)", "errors"),
+            300,
+            marks=SERVICE,
+        ),
+        pytest.param(
+            "bench.bench_publish_share",
+            (
+                "Time spent publishing",
+                "share of job (%)",
+                "ms/publication",
+                "Cross-check",
+                "minus off (s)",
+                "Target: publishing < 2%",
+            ),
+            300,
+            marks=SERVICE,
+        ),
+        # Exits 1 on any violation: at this scale too, every job must end once, stored once, nothing stuck.
+        pytest.param(
+            "bench.bench_job_load",
+            (
+                "Figures",
+                "submit p99 (ms)",
+                "to end p99 (s)",
+                "Checks",
+                "every job ended once, in the state it must; results stored once; nothing stuck",
+            ),
+            300,
+            marks=SERVICE,
+        ),
+    ],
+)
 def test_benchmark_runs_quick(module: str, headings: tuple[str, ...], timeout: int):
-    result = subprocess.run([sys.executable, "-m", module, "--quick"], capture_output=True, text=True, timeout=timeout,
-                            env=os.environ | {RUN_ENV: RUN_ID})
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ | {RUN_ENV: RUN_ID},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for heading in headings:
         assert heading in result.stdout

@@ -15,12 +15,24 @@ API_NEURON_KEYS = ["rank", "layer", "index", "value", "lower", "upper", "samples
 
 
 def neuronshap(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "neuronshap", *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "neuronshap", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_estimate_prints_ranked_neurons_as_json(tiny_cnn):
-    result = neuronshap("estimate", tiny_cnn.onnx, tiny_cnn.npz, "--metric", "accuracy", "--top-k", "3",
-                        "--max-iterations", "40", "--json")
+    result = neuronshap(
+        "estimate",
+        tiny_cnn.onnx,
+        tiny_cnn.npz,
+        "--metric",
+        "accuracy",
+        "--top-k",
+        "3",
+        "--max-iterations",
+        "40",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     neurons = json.loads(result.stdout)
     assert len(neurons) == 10
@@ -35,9 +47,26 @@ def test_estimate_prints_ranked_neurons_as_json(tiny_cnn):
 
 
 def test_estimate_prints_a_table_for_people(tiny_cnn):
-    result = neuronshap("estimate", tiny_cnn.pt2, tiny_cnn.npz, "--metric", "group_gap", "--groups", "0", "1",
-                        "--mode", "bottom", "--top-k", "2", "--ablation", "mean", "--max-iterations", "20",
-                        "--limit", "4")
+    result = neuronshap(
+        "estimate",
+        tiny_cnn.pt2,
+        tiny_cnn.npz,
+        "--metric",
+        "group_gap",
+        "--groups",
+        "0",
+        "1",
+        "--mode",
+        "bottom",
+        "--top-k",
+        "2",
+        "--ablation",
+        "mean",
+        "--max-iterations",
+        "20",
+        "--limit",
+        "4",
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("metric group_gap:") and "ablation mean" in lines[0]
@@ -63,13 +92,16 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(tiny_cnn, tmp_path):
         assert result.stdout == ""
 
 
-@pytest.mark.parametrize("args, says", [
-    (("--metric", "nope"), "invalid choice: 'nope'"),
-    (("--metric", "class_recall"), "--metric: metric class_recall needs --class"),
-    (("--metric", "accuracy", "--delta", "2"), "--delta:"),
-    (("--metric", "accuracy", "--top-k", "0"), "--top-k:"),
-    (("--metric", "accuracy", "--batch-size", "0"), "--batch-size:"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (("--metric", "nope"), "invalid choice: 'nope'"),
+        (("--metric", "class_recall"), "--metric: metric class_recall needs --class"),
+        (("--metric", "accuracy", "--delta", "2"), "--delta:"),
+        (("--metric", "accuracy", "--top-k", "0"), "--top-k:"),
+        (("--metric", "accuracy", "--batch-size", "0"), "--batch-size:"),
+    ],
+)
 def test_option_errors_answer_at_once_naming_the_option(tmp_path, args, says):
     """Checked before torch loads: a bad option costs the interpreter's start, not the estimator's import."""
     model, data = tmp_path / "m.onnx", tmp_path / "d.npz"
@@ -100,7 +132,17 @@ def test_version():
 
 def test_a_small_layer_choice_without_top_k_ranks_what_there_is(tiny_cnn):
     """conv1 has 4 channels: the default top_k (10) becomes 3 rather than an error about a value never set."""
-    result = neuronshap("estimate", tiny_cnn.onnx, tiny_cnn.npz, "--metric", "accuracy", "--layers", "conv1",
-                        "--max-iterations", "8", "--json")
+    result = neuronshap(
+        "estimate",
+        tiny_cnn.onnx,
+        tiny_cnn.npz,
+        "--metric",
+        "accuracy",
+        "--layers",
+        "conv1",
+        "--max-iterations",
+        "8",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)) == 4

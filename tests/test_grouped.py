@@ -23,14 +23,21 @@ WALKS = dict(mode="all", truncation=0.0, min_samples=10**9, lanes=3, coalitions_
 
 def games(saved, fmt: str, ablation: str = "zero") -> tuple[NeuronGame, NeuronGame]:
     model, data = load_model(saved.pt2 if fmt == "pt2" else saved.onnx), load_data(saved.npz)
-    return tuple(NeuronGame(model, data, MetricSpec("log_likelihood"), ablation=ablation, batch_size=32,
-                            grouped=grouped) for grouped in (True, False))
+    return tuple(
+        NeuronGame(model, data, MetricSpec("log_likelihood"), ablation=ablation, batch_size=32, grouped=grouped)
+        for grouped in (True, False)
+    )
 
 
-@pytest.mark.parametrize("fixture, fmt, ablation", [
-    ("digits_cnn", "pt2", "zero"), ("digits_cnn", "onnx", "mean"), ("small_cnn", "onnx", "zero"),
-    ("tiny_mlp", "pt2", "mean"),
-])
+@pytest.mark.parametrize(
+    "fixture, fmt, ablation",
+    [
+        ("digits_cnn", "pt2", "zero"),
+        ("digits_cnn", "onnx", "mean"),
+        ("small_cnn", "onnx", "zero"),
+        ("tiny_mlp", "pt2", "mean"),
+    ],
+)
 def test_grouped_runs_give_the_plain_runs_values(request, fixture, fmt, ablation):
     grouped, plain = games(request.getfixturevalue(fixture), fmt, ablation)
     assert grouped.describe()["grouped_evaluation"] and not plain.describe()["grouped_evaluation"]
@@ -87,8 +94,10 @@ def test_a_deferred_gate_pools_once_per_upstream_group_and_reaches_the_linear_la
     pooled, linear = {}, {}
     for defer in (True, False):
         suffix = GroupedSuffix(game.model.suffix, defer=defer)
-        with Rows(torch.ops.aten.max_pool2d_with_indices, torch.ops.aten.max_pool2d) as pool, \
-                Rows(torch.ops.aten.linear, torch.ops.aten.addmm) as dense:
+        with (
+            Rows(torch.ops.aten.max_pool2d_with_indices, torch.ops.aten.max_pool2d) as pool,
+            Rows(torch.ops.aten.linear, torch.ops.aten.addmm) as dense,
+        ):
             got = suffix.evaluate(sample.frontier, sample.lane_rows, lanes, masks)
         pooled[defer], linear[defer] = pool.rows, dense.rows
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -35,15 +35,20 @@ def test_no_test_or_benchmark_imports_another_test_module_or_conftest():
 def test_the_import_check_sees_every_way_of_importing_a_test(tmp_path):
     (tmp_path / "tests" / "harness").mkdir(parents=True)
     (tmp_path / "bench").mkdir()
-    (tmp_path / "tests" / "test_a.py").write_text("from tests.harness.jobs import QUICK\nfrom tests import harness\n"
-                                                  "def f():\n    from tests.test_b import helper\n")
+    (tmp_path / "tests" / "test_a.py").write_text(
+        "from tests.harness.jobs import QUICK\nfrom tests import harness\n"
+        "def f():\n    from tests.test_b import helper\n"
+    )
     (tmp_path / "tests" / "test_b.py").write_text("from tests import stacks\nfrom . import conftest\n")
     (tmp_path / "tests" / "harness" / "x.py").write_text("from .jobs import QUICK\n")
     (tmp_path / "bench" / "bench_x.py").write_text("import tests.conftest\n")
     assert foreign_test_imports(tmp_path) == [
-        "tests/test_a.py imports tests.test_b", "tests/test_a.py imports tests.test_b.helper",
-        "tests/test_b.py imports tests.conftest", "tests/test_b.py imports tests.stacks",
-        "bench/bench_x.py imports tests.conftest"]
+        "tests/test_a.py imports tests.test_b",
+        "tests/test_a.py imports tests.test_b.helper",
+        "tests/test_b.py imports tests.conftest",
+        "tests/test_b.py imports tests.stacks",
+        "bench/bench_x.py imports tests.conftest",
+    ]
 
 
 def keys_of(ns: Namespace) -> list[bytes]:

@@ -39,6 +39,7 @@ def test_no_upload_runs_code(tmp_path, tiny_cnn):
     npz = (tiny_cnn.npz.name, tiny_cnn.npz.read_bytes())
     onnx = (tiny_cnn.onnx.name, tiny_cnn.onnx.read_bytes())
     with stacks.embedded(tmp_path / "svc") as stack:
+
         def post(model, data=npz):
             return post_job(stack.client, model=model, data=data)
 
@@ -69,13 +70,19 @@ def test_an_npz_that_unpacks_past_the_limit_is_refused(tmp_path, tiny_cnn):
 
 @pytest.mark.service  # a served API: the body is refused by the server process before it is read
 def test_an_oversized_body_is_refused_before_it_is_read(tmp_path):
-    env = {"NEURONSHAP_MAX_MODEL_BYTES": "1000", "NEURONSHAP_MAX_DATA_BYTES": "1000", "NEURONSHAP_MAX_SPEC_BYTES": "1000"}
+    env = {
+        "NEURONSHAP_MAX_MODEL_BYTES": "1000",
+        "NEURONSHAP_MAX_DATA_BYTES": "1000",
+        "NEURONSHAP_MAX_SPEC_BYTES": "1000",
+    }
     with serve(tmp_path, **env) as url:
         host, port = url.removeprefix("http://").split(":")
         # Declares 10 GB and sends none of it: the answer comes at once.
         with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                         b"Content-Length: 10000000000\r\n\r\n")
+            sock.sendall(
+                b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 10000000000\r\n\r\n"
+            )
             head = sock.recv(4096).decode()
         assert head.startswith("HTTP/1.1 413") and "application/problem+json" in head
 
@@ -84,14 +91,18 @@ def test_an_oversized_body_is_refused_before_it_is_read(tmp_path):
 
         def body():
             nonlocal sent
-            yield b"--b\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.onnx\"\r\n\r\n"
+            yield b'--b\r\nContent-Disposition: form-data; name="model"; filename="m.onnx"\r\n\r\n'
             for _ in range(200):
                 sent += 1 << 20
                 yield b"\x08" * (1 << 20)
 
         try:
-            r = httpx.post(f"{url}/v1/jobs", content=body(), timeout=30,
-                           headers={"Content-Type": "multipart/form-data; boundary=b"})
+            r = httpx.post(
+                f"{url}/v1/jobs",
+                content=body(),
+                timeout=30,
+                headers={"Content-Type": "multipart/form-data; boundary=b"},
+            )
             assert r.status_code == 413 and r.json()["status"] == 413
         except httpx.TransportError:  # the server may close the connection while we still send: also a refusal
             pass

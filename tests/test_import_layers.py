@@ -26,8 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # package → top-level names its modules must never import
 FORBIDDEN = {
     "app": {"worker", "neuronshap", "torch", "onnx"},
-    "worker/shapley": {"app", "neuronshap", "worker.runner", "worker.tasks", "worker.translate", "fastapi",
-                       "sqlalchemy", "celery", "redis"},
+    "worker/shapley": {
+        "app",
+        "neuronshap",
+        "worker.runner",
+        "worker.tasks",
+        "worker.translate",
+        "fastapi",
+        "sqlalchemy",
+        "celery",
+        "redis",
+    },
     "worker": {"neuronshap"},
 }
 

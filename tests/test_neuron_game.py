@@ -124,7 +124,9 @@ def test_dead_neurons_get_zero_and_duplicated_neurons_equal_values(tiny_mlp, tmp
 
 
 def test_group_metrics_draw_every_group_into_every_batch(tiny_mlp):
-    game = NeuronGame(load_model(tiny_mlp.pt2), load_data(tiny_mlp.npz), MetricSpec("worst_group_accuracy"), batch_size=8)
+    game = NeuronGame(
+        load_model(tiny_mlp.pt2), load_data(tiny_mlp.npz), MetricSpec("worst_group_accuracy"), batch_size=8
+    )
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         sample = game.sample(gen, 3)
@@ -163,8 +165,9 @@ def test_digits_cnn_top10_matches_reference_and_removing_it_hurts_most(small_cnn
     gen = torch.Generator().manual_seed(0)
     by_random = sum(drop(torch.randperm(n, generator=gen)[:k].tolist()) for _ in range(20)) / 20
     m = small_cnn.module
-    norms = torch.cat([m.conv1.weight.flatten(1).norm(dim=1), m.conv2.weight.flatten(1).norm(dim=1),
-                       m.fc1.weight.norm(dim=1)]).detach()
+    norms = torch.cat(
+        [m.conv1.weight.flatten(1).norm(dim=1), m.conv2.weight.flatten(1).norm(dim=1), m.fc1.weight.norm(dim=1)]
+    ).detach()
     by_norm = drop(torch.argsort(norms)[:k].tolist())
     assert by_value > 0.3, (by_value, by_random, by_norm)
     assert by_value > 2 * max(by_random, by_norm, 0.01), (by_value, by_random, by_norm)

@@ -160,9 +160,7 @@ def test_fixed_batch_export_still_converts(tmp_path):
     # converter must still build, and a later check tries other batch sizes.
     model = SmallCNN().eval()
     path = tmp_path / "fixed.onnx"
-    torch.onnx.export(
-        model, (torch.randn(4, *model.input_shape),), str(path), dynamo=False, input_names=["x"]
-    )
+    torch.onnx.export(model, (torch.randn(4, *model.input_shape),), str(path), dynamo=False, input_names=["x"])
     x = torch.randn(4, *model.input_shape)
     with torch.no_grad():
         np.testing.assert_allclose(onnx_to_graph_module(path)(x).numpy(), model(x).numpy(), atol=ATOL)
@@ -312,9 +310,7 @@ def test_single_op_matches_onnxruntime(case):
 def test_layer_name_rules_and_uniqueness():
     w = _rand(3, 3, 1, 1)
     scoped = N("Conv", ["c0", "w1"], ["c1"], name="node_conv2d_1")
-    scoped.metadata_props.add(
-        key="pkg.torch.onnx.name_scopes", value="['', 'layer1', '0', 'conv1', 'conv2d']"
-    )
+    scoped.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['', 'layer1', '0', 'conv1', 'conv2d']")
     nodes = [
         N("Conv", ["x", "shared.weight"], ["c0"]),  # (a) initializer name
         scoped,  # (b) name scopes

@@ -38,8 +38,26 @@ POSTGRES_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=
 
 
 def start_redis(port: int, directory) -> None:
-    subprocess.run(["redis-server", "--daemonize", "yes", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                    "--appendonly", "no", "--dir", str(directory), "--logfile", str(directory / "redis.log")], check=True)
+    subprocess.run(
+        [
+            "redis-server",
+            "--daemonize",
+            "yes",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+            "--logfile",
+            str(directory / "redis.log"),
+        ],
+        check=True,
+    )
     for _ in range(100):
         try:
             redis.Redis(port=port).ping()
@@ -62,15 +80,28 @@ def test_a_job_survives_a_redis_restart(tmp_path, tiny_cnn):
     start_redis(port, tmp_path)
     try:
         with postgres_schema() as url:
-            settings = Settings(data_dir=tmp_path, database_url=url, broker_url=f"redis://127.0.0.1:{port}/0",
-                                redis_url=f"redis://127.0.0.1:{port}/1", blob_dir=tmp_path / "blobs",
-                                migrate_on_start=False, **stacks.FAST)
+            settings = Settings(
+                data_dir=tmp_path,
+                database_url=url,
+                broker_url=f"redis://127.0.0.1:{port}/0",
+                redis_url=f"redis://127.0.0.1:{port}/1",
+                blob_dir=tmp_path / "blobs",
+                migrate_on_start=False,
+                **stacks.FAST,
+            )
             migrate(url)
-            spec = {"metric": {"name": "accuracy"},
-                    "estimator": {"mode": "all", "half_width": 1e-6, "truncation": 0, "max_iterations": 1500,
-                                  "seed": 2, "batch_size": 32}}
-            with stacks.worker_process(settings, tmp_path / "worker.log"), \
-                    TestClient(create_app(settings)) as client:
+            spec = {
+                "metric": {"name": "accuracy"},
+                "estimator": {
+                    "mode": "all",
+                    "half_width": 1e-6,
+                    "truncation": 0,
+                    "max_iterations": 1500,
+                    "seed": 2,
+                    "batch_size": 32,
+                },
+            }
+            with stacks.worker_process(settings, tmp_path / "worker.log"), TestClient(create_app(settings)) as client:
                 stack = stacks.Stack("full", settings, client, tmp_path / "worker.log")
                 job = post_job(client, tiny_cnn, spec).json()
                 stack.wait(job["id"], ("running",))
@@ -115,8 +146,9 @@ class PrivatePostgres:
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._pg("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "server.log"), "-o", options, "-w",
-                 "start")
+        self._pg(
+            "pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "server.log"), "-o", options, "-w", "start"
+        )
 
     def crash(self) -> None:
         """Stop at once, as a crash or a failover does: connections are cut and nothing is shut down cleanly."""
@@ -144,17 +176,30 @@ def test_a_job_survives_a_postgres_restart(tmp_path, tiny_cnn):
     ns = namespace()
     try:
         postgres.start()
-        settings = Settings(data_dir=tmp_path, database_url=postgres.url, broker_url=REDIS_URL, redis_url=REDIS_URL,
-                            blob_dir=tmp_path / "blobs", **(stacks.FAST | ns.settings()))
+        settings = Settings(
+            data_dir=tmp_path,
+            database_url=postgres.url,
+            broker_url=REDIS_URL,
+            redis_url=REDIS_URL,
+            blob_dir=tmp_path / "blobs",
+            **(stacks.FAST | ns.settings()),
+        )
         migrate(postgres.url)
         env = stacks.settings_env(settings) | {"NEURONSHAP_MIGRATE_ON_START": "false"}
         worker_log = tmp_path / "worker.log"
         # Long enough to be running when the database goes; short enough to end while it is still down.
-        spec = {"metric": {"name": "accuracy"},
-                "estimator": {"mode": "all", "half_width": 1e-6, "truncation": 0, "max_seconds": 4, "seed": 2,
-                              "batch_size": 32}}
-        with stacks.worker_process(settings, worker_log), \
-                stacks.api_process(env, tmp_path / "api.log") as (url, _):
+        spec = {
+            "metric": {"name": "accuracy"},
+            "estimator": {
+                "mode": "all",
+                "half_width": 1e-6,
+                "truncation": 0,
+                "max_seconds": 4,
+                "seed": 2,
+                "batch_size": 32,
+            },
+        }
+        with stacks.worker_process(settings, worker_log), stacks.api_process(env, tmp_path / "api.log") as (url, _):
             client = Client(url)
             job = client.submit(tiny_cnn.onnx, tiny_cnn.npz, json.dumps(spec))
             while client.job(job["id"])["state"] != "running":
@@ -184,14 +229,16 @@ def test_a_job_survives_a_postgres_restart(tmp_path, tiny_cnn):
             assert len(client.neurons(job["id"])) == players
             engine = create_engine(postgres.url)
             with engine.connect() as conn:  # written once: exactly one row per neuron
-                stored = conn.execute(select(func.count()).select_from(JobNeuron)
-                                      .where(JobNeuron.job_id == job["id"])).scalar_one()
+                stored = conn.execute(
+                    select(func.count()).select_from(JobNeuron).where(JobNeuron.job_id == job["id"])
+                ).scalar_one()
             engine.dispose()
             assert stored == players
             assert "Traceback" not in (tmp_path / "api.log").read_text()
             # Both processes reconnected: a new job runs end to end.
-            after = client.submit(tiny_cnn.onnx, tiny_cnn.npz, json.dumps(
-                spec | {"estimator": {"top_k": 3, "max_iterations": 8}}))
+            after = client.submit(
+                tiny_cnn.onnx, tiny_cnn.npz, json.dumps(spec | {"estimator": {"top_k": 3, "max_iterations": 8}})
+            )
             assert follow(client, after["id"])["state"] == "succeeded"
             assert httpx.get(f"{url}/readyz").status_code == 200
     finally:

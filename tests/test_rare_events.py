@@ -84,8 +84,11 @@ def test_planted_top_players_are_never_eliminated(bound):
         zero_width = estimate.upper - estimate.lower <= 0
         zero_width_decisions.extend(torch.nonzero(decided & zero_width).squeeze(1).tolist())
 
-    estimate = run_tmab(CollapsingGame(), TMABConfig(mode="top", top_k=len(PLANTED), bound=bound, seed=3,
-                                                    max_iterations=160), on_progress=watch)
+    estimate = run_tmab(
+        CollapsingGame(),
+        TMABConfig(mode="top", top_k=len(PLANTED), bound=bound, seed=3, max_iterations=160),
+        on_progress=watch,
+    )
     assert estimate.iterations == 160
     assert eliminated == []
     assert zero_width_decisions == []

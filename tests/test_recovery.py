@@ -29,11 +29,24 @@ from tests.harness import stacks
 from tests.harness.jobs import submit
 from worker.runner import run_job
 
-RECOVER_FAST = {"lease_s": 2.0, "reconcile_interval_s": 0.5, "requeue_after_s": 1.0, "checkpoint_interval_s": 0.2,
-                "publish_interval_s": 0.1}
-SPEC = {"metric": {"name": "accuracy"},
-        "estimator": {"mode": "all", "half_width": 1e-6, "truncation": 0, "max_iterations": 800, "seed": 5,
-                      "batch_size": 32}}
+RECOVER_FAST = {
+    "lease_s": 2.0,
+    "reconcile_interval_s": 0.5,
+    "requeue_after_s": 1.0,
+    "checkpoint_interval_s": 0.2,
+    "publish_interval_s": 0.1,
+}
+SPEC = {
+    "metric": {"name": "accuracy"},
+    "estimator": {
+        "mode": "all",
+        "half_width": 1e-6,
+        "truncation": 0,
+        "max_iterations": 800,
+        "seed": 5,
+        "batch_size": 32,
+    },
+}
 
 
 @pytest.fixture
@@ -54,8 +67,13 @@ def checkpoint_iterations(settings: Settings, job_id: str) -> int | None:
 def test_a_job_whose_worker_is_killed_resumes_on_another_and_ends_as_if_uninterrupted(cluster, tiny_cnn, tmp_path):
     env = stacks.settings_env(cluster.settings)
     log = open(tmp_path / "worker-a.log", "wb")
-    first = subprocess.Popen([sys.executable, "-m", "neuronshap", "worker", "--name", "a"], cwd=stacks.ROOT,
-                             env=os.environ | env, stdout=log, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "neuronshap", "worker", "--name", "a"],
+        cwd=stacks.ROOT,
+        env=os.environ | env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         job = submit(cluster.client, tiny_cnn, SPEC)
         for _ in range(600):
@@ -89,10 +107,21 @@ def test_a_job_saved_but_never_queued_is_sent_by_the_reconciler(cluster, tiny_cn
     with session_factory(cluster.settings.resolved_database_url)() as session:
         source = session.get(Job, template["id"])
         # As if the API died right after its commit: a queued job, recorded as sent, that no message announces.
-        orphan = Job(id="j_orphan", tenant=source.tenant, state="queued", name=None, spec=source.spec,
-                     model_blob=source.model_blob, model_format=source.model_format, data_blob=source.data_blob,
-                     data_format=source.data_format, created_at=datetime.now(UTC), enqueued_at=datetime.now(UTC),
-                     progress=source.progress, cancel_requested=False)
+        orphan = Job(
+            id="j_orphan",
+            tenant=source.tenant,
+            state="queued",
+            name=None,
+            spec=source.spec,
+            model_blob=source.model_blob,
+            model_format=source.model_format,
+            data_blob=source.data_blob,
+            data_format=source.data_format,
+            created_at=datetime.now(UTC),
+            enqueued_at=datetime.now(UTC),
+            progress=source.progress,
+            cancel_requested=False,
+        )
         session.add(orphan)
         session.commit()
     with stacks.worker_process(cluster.settings, cluster.worker_log):
@@ -121,14 +150,18 @@ def test_the_reconciler_sends_again_only_jobs_whose_message_is_not_in_the_queue(
 
 
 def _message_of(settings: Settings, job_id: str) -> bytes:
-    return next(m for m in redis.Redis.from_url(settings.broker_url).lrange(settings.queue_name, 0, -1)
-                if job_id.encode() in base64.b64decode(json.loads(m)["body"]))
+    return next(
+        m
+        for m in redis.Redis.from_url(settings.broker_url).lrange(settings.queue_name, 0, -1)
+        if job_id.encode() in base64.b64decode(json.loads(m)["body"])
+    )
 
 
 def test_a_second_delivery_of_a_running_job_does_not_run_it(tmp_path, tiny_cnn):
     with stacks.embedded(tmp_path) as stack:
-        job = submit(stack.client, tiny_cnn,
-                     SPEC | {"estimator": {"mode": "all", "half_width": 1e-6, "max_seconds": 120}})
+        job = submit(
+            stack.client, tiny_cnn, SPEC | {"estimator": {"mode": "all", "half_width": 1e-6, "max_seconds": 120}}
+        )
         stack.wait(job["id"], ("running",))
         assert run_job(job["id"], stack.settings, MemoryBus()) is None  # the lease is held: this copy skips
         with session_factory(stack.settings.resolved_database_url)() as session:
@@ -155,9 +188,16 @@ def test_cancelling_a_job_with_partial_estimates_keeps_them_whatever_became_of_i
 
     assert cluster.client.post(f"/v1/jobs/{handed_back}/cancel").json()["state"] == "cancelling"
     with session_factory(settings.resolved_database_url)() as session:  # as a worker that died while cancelling
-        session.execute(update(Job).where(Job.id.in_((abandoned, bare))).values(
-            state="cancelling", cancel_requested=True, lease_owner="dead",
-            lease_expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        session.execute(
+            update(Job)
+            .where(Job.id.in_((abandoned, bare)))
+            .values(
+                state="cancelling",
+                cancel_requested=True,
+                lease_owner="dead",
+                lease_expires_at=datetime.now(UTC) - timedelta(seconds=1),
+            )
+        )
         session.commit()
     redis.Redis.from_url(settings.broker_url).delete(settings.queue_name)  # the messages went with the dead worker
     sent = reconcile(settings, CeleryQueue(settings.broker_url, settings.queue_name), MemoryBus())

@@ -61,7 +61,9 @@ def test_a_job_runs_to_its_ranked_neurons_events_and_ablation_check(stack, tiny_
 
     page = stack.client.get(f"/v1/jobs/{job['id']}/neurons", params={"limit": 4}).json()
     assert [n["rank"] for n in page["items"]] == [1, 2, 3, 4] and page["next_cursor"]
-    rest = stack.client.get(f"/v1/jobs/{job['id']}/neurons", params={"limit": 100, "cursor": page["next_cursor"]}).json()
+    rest = stack.client.get(
+        f"/v1/jobs/{job['id']}/neurons", params={"limit": 100, "cursor": page["next_cursor"]}
+    ).json()
     neurons = page["items"] + rest["items"]
     assert rest["next_cursor"] is None and [n["rank"] for n in neurons] == list(range(1, 11))
     values = [n["value"] for n in neurons]
@@ -79,8 +81,9 @@ def test_a_job_runs_to_its_ranked_neurons_events_and_ablation_check(stack, tiny_
     assert curve["top"][0] == pytest.approx(done["progress"]["v_full"], abs=0.05)  # nothing removed: the intact model
     assert curve["k"] == [0, 1, 2, 3, 4, 5]  # at most half the neurons
     assert sum(curve["top"]) < sum(curve["random"])  # the neurons ranked top matter more than random ones
-    assert [(n["layer"], n["index"]) for n in neurons[: len(curve["removed_top"])]] == \
-        [(n["layer"], n["index"]) for n in curve["removed_top"]]
+    assert [(n["layer"], n["index"]) for n in neurons[: len(curve["removed_top"])]] == [
+        (n["layer"], n["index"]) for n in curve["removed_top"]
+    ]
 
     stream = events(stack, job["id"])
     kinds = [k for _, k, _ in stream]
@@ -165,8 +168,14 @@ def test_idempotency_key_returns_the_same_job_and_refuses_another_payload(stack,
     first = submit(stack.client, tiny_cnn, QUICK, headers=key)
     again = submit(stack.client, tiny_cnn, QUICK, headers=key)
     assert again["id"] == first["id"]
-    other = post_job(stack.client, tiny_cnn, QUICK | {"name": "other"}, model=("m.onnx", tiny_cnn.onnx.read_bytes()),
-                     data=("d.npz", tiny_cnn.npz.read_bytes()), headers=key)
+    other = post_job(
+        stack.client,
+        tiny_cnn,
+        QUICK | {"name": "other"},
+        model=("m.onnx", tiny_cnn.onnx.read_bytes()),
+        data=("d.npz", tiny_cnn.npz.read_bytes()),
+        headers=key,
+    )
     body = problem(other, 422)
     assert first["id"] in body["detail"]
     stack.wait(first["id"], ("succeeded",))
@@ -200,7 +209,7 @@ def test_bad_requests_get_problem_documents_naming_the_field(stack, tiny_cnn, tm
     problem(post(spec='{"metric": {"name": "accuracy"}, "colour": 1}'), 422, "spec.colour")
     problem(post(spec='{"metric": {"name": "class_recall"}}'), 422, "spec.metric")
     problem(post(spec='{"metric": {"name": "accuracy"}, "estimator": {"delta": 2}}'), 422, "spec.estimator.delta")
-    problem(post(spec='{}'), 422, "spec.metric")
+    problem(post(spec="{}"), 422, "spec.metric")
     problem(post_job(stack.client, tiny_cnn, without=("data",)), 422, "data")
 
     assert "ONNX" in problem(post(model=("model.txt", b"hello")), 415, "model")["detail"]
@@ -227,8 +236,9 @@ def test_bad_requests_get_problem_documents_naming_the_field(stack, tiny_cnn, tm
     problem(stack.client.get("/v2/anything"), 404)
     job = submit(stack.client, tiny_cnn, QUICK)
     problem(stack.client.get(f"/v1/jobs/{job['id']}/neurons", params={"cursor": "x.y"}), 400, "cursor")
-    problem(stack.client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "yesterday"}), 400,
-            "Last-Event-ID")
+    problem(
+        stack.client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "yesterday"}), 400, "Last-Event-ID"
+    )
     stack.wait(job["id"], ("succeeded",))
 
 
@@ -246,8 +256,17 @@ def test_health_readiness_metrics_and_openapi(stack):
     metrics = stack.client.get("/metrics").text
     assert "neuronshap_jobs{" in metrics and "neuronshap_http_requests_total{" in metrics
     paths = stack.client.get("/openapi.json").json()["paths"]
-    for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/neurons",
-                 "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/ablation", "/healthz", "/readyz", "/metrics"):
+    for path in (
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/neurons",
+        "/v1/jobs/{job_id}/events",
+        "/v1/jobs/{job_id}/ablation",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
         assert path in paths, path
 
 

@@ -90,7 +90,7 @@ def test_each_untruncated_iteration_is_efficient():
 
 def test_null_players_get_exactly_zero_and_symmetric_players_agree():
     # players 0 and 1 are interchangeable, player 4 never matters
-    game = FunctionGame(6, lambda m: ((m[:, 0] | m[:, 1]).double() * 0.5 + m[:, 2].double() * m[:, 3].double() * 0.3))
+    game = FunctionGame(6, lambda m: (m[:, 0] | m[:, 1]).double() * 0.5 + m[:, 2].double() * m[:, 3].double() * 0.3)
     exact = exact_shapley(game.f, 6)
     assert exact[4] == 0 and exact[0] == pytest.approx(exact[1].item())
     est = run_tmab(game, TMABConfig(**UNTRUNCATED, max_iterations=300))

@@ -43,7 +43,15 @@ from app.jobs.states import JobState
 from app.jobs.schemas import Progress as ProgressView
 from app.jobs.spec import JobSpec
 from worker.shapley import (
-    Estimate, NeuronGame, Progress, TMABConfig, UserInputError, ablation_curve, ranked_neurons, run_summary, run_tmab,
+    Estimate,
+    NeuronGame,
+    Progress,
+    TMABConfig,
+    UserInputError,
+    ablation_curve,
+    ranked_neurons,
+    run_summary,
+    run_tmab,
 )
 from worker.shapley.errors import DataError, ModelError, SpecError
 from worker.translate import build_game
@@ -58,8 +66,9 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def run_job(job_id: str, settings: Settings, bus: Bus,
-            should_exit: Callable[[], bool] | None = None) -> JobState | None:
+def run_job(
+    job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[], bool] | None = None
+) -> JobState | None:
     """Run a job to its end; returns its new state, or None when it was not (or stopped being) ours to run.
 
     ``should_exit`` is the worker shutting down: the job stops at the next
@@ -80,19 +89,26 @@ def run_job(job_id: str, settings: Settings, bus: Bus,
             checkpoint = patient(lambda: _checkpoint(db, job_id))
             resume = checkpoint.state if checkpoint is not None else None
             reporter.start(game, config)
-            estimate = run_tmab(game, config, resume_from=resume, on_progress=reporter.on_progress,
-                                should_stop=reporter.should_stop)
+            estimate = run_tmab(
+                game, config, resume_from=resume, on_progress=reporter.on_progress, should_stop=reporter.should_stop
+            )
         except UNAVAILABLE:
             raise  # an outage longer than our patience: the lease expires and a reconciler sends the job again
         except UserInputError as exc:
-            error = {"type": ERROR_TYPES.get(type(exc), "invalid-input"), "title": "The job's input was rejected",
-                     "detail": str(exc)}
+            error = {
+                "type": ERROR_TYPES.get(type(exc), "invalid-input"),
+                "title": "The job's input was rejected",
+                "detail": str(exc),
+            }
             return patient(lambda: _in(db, lambda session: lifecycle.fail(session, bus, lease.lease, error)))
         except Exception as exc:
             log.exception("job %s: error in the worker", job_id)
-            error = {"type": "internal", "title": "The worker failed",
-                     "detail": f"The worker failed on this job ({type(exc).__name__}); the operator has the details "
-                               "in its log."}
+            error = {
+                "type": "internal",
+                "title": "The worker failed",
+                "detail": f"The worker failed on this job ({type(exc).__name__}); the operator has the details "
+                "in its log.",
+            }
             return patient(lambda: _in(db, lambda session: lifecycle.fail(session, bus, lease.lease, error)))
 
         if lease.lost:
@@ -103,17 +119,24 @@ def run_job(job_id: str, settings: Settings, bus: Bus,
             return patient(lambda: _in(db, lambda session: lifecycle.hand_back(session, bus, lease.lease)))
         neurons = ranked_neurons(game, estimate)
         summary = run_summary(game, estimate) | {
-            "publish_s": reporter.publish_s, "checkpoints": reporter.checkpoints,
+            "publish_s": reporter.publish_s,
+            "checkpoints": reporter.checkpoints,
             "resumed_from_iteration": checkpoint.iterations if checkpoint is not None else None,
         }
         progress = reporter.progress_dict(estimate)
         if estimate.stop_reason == "stopped":  # a cancel request: the partial estimates are the result
             outcome, curve = JobState.CANCELLED, None
         else:
-            outcome, curve = JobState.SUCCEEDED, ablation_curve(game, estimate.values, k=settings.ablation_k,
-                                                                seed=config.seed)
-        return patient(lambda: _in(db, lambda session: lifecycle.finish(
-            session, bus, lease.lease, outcome, neurons, summary, progress, curve)))
+            outcome, curve = (
+                JobState.SUCCEEDED,
+                ablation_curve(game, estimate.values, k=settings.ablation_k, seed=config.seed),
+            )
+        return patient(
+            lambda: _in(
+                db,
+                lambda session: lifecycle.finish(session, bus, lease.lease, outcome, neurons, summary, progress, curve),
+            )
+        )
 
 
 def _in(db: sessionmaker[Session], step: Callable[[Session], T]) -> T:
@@ -145,8 +168,12 @@ class _Patience:
             except UNAVAILABLE as exc:
                 if time.monotonic() + delay > deadline:
                     raise
-                log.warning("job %s: database unavailable (%s); retrying in %.1f s", self.job_id,
-                            str(exc).splitlines()[0], delay)
+                log.warning(
+                    "job %s: database unavailable (%s); retrying in %.1f s",
+                    self.job_id,
+                    str(exc).splitlines()[0],
+                    delay,
+                )
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
 
@@ -241,8 +268,12 @@ class _Reporter:
     def publish(self, progress: Progress) -> None:
         estimate = progress.estimate
         neurons = ranked_neurons(self.game, estimate)
-        live = {"state": JobState.CANCELLING if self.cancelled else JobState.RUNNING, "progress": self.progress_dict(estimate, progress.undecided),
-                "neurons": neurons, "updated_at": now().isoformat()}
+        live = {
+            "state": JobState.CANCELLING if self.cancelled else JobState.RUNNING,
+            "progress": self.progress_dict(estimate, progress.undecided),
+            "neurons": neurons,
+            "updated_at": now().isoformat(),
+        }
         try:
             self.bus.set_live(self.job_id, live)
             self.bus.publish(self.job_id, "progress", live["progress"])
@@ -258,8 +289,10 @@ class _Reporter:
         state, estimate = self.last.checkpoint(), self.last.estimate
         progress = self.progress_dict(estimate, self.last.undecided)
         try:
-            if not _in(self.db, lambda session: lifecycle.checkpoint(session, self.lease.lease, state,
-                                                                     estimate.iterations, progress)):
+            if not _in(
+                self.db,
+                lambda session: lifecycle.checkpoint(session, self.lease.lease, state, estimate.iterations, progress),
+            ):
                 self.lease.lost = True
                 return
             self.checkpoints += 1
@@ -286,9 +319,14 @@ class _Reporter:
         """The job's ``progress`` (:class:`app.jobs.schemas.Progress`), as stored and published."""
         undecided = estimate.status.count("undecided") if undecided is None else undecided
         return ProgressView(
-            iterations=estimate.iterations, evaluations=estimate.evaluations, players=len(estimate.status),
-            undecided=undecided, v_full=estimate.v_full, v_empty=estimate.v_empty,
-            elapsed_s=round(estimate.elapsed_s, 3), eta_s=_eta(estimate),
+            iterations=estimate.iterations,
+            evaluations=estimate.evaluations,
+            players=len(estimate.status),
+            undecided=undecided,
+            v_full=estimate.v_full,
+            v_empty=estimate.v_empty,
+            elapsed_s=round(estimate.elapsed_s, 3),
+            eta_s=_eta(estimate),
         ).model_dump()
 
 

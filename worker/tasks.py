@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 
 settings = get_settings()
 if not settings.broker_url:
-    raise SystemExit("neuronshap worker needs a broker: set NEURONSHAP_BROKER_URL (e.g. redis://localhost:6379/0). "
-                     "Without one, `neuronshap serve` runs jobs in its own process.")
+    raise SystemExit(
+        "neuronshap worker needs a broker: set NEURONSHAP_BROKER_URL (e.g. redis://localhost:6379/0). "
+        "Without one, `neuronshap serve` runs jobs in its own process."
+    )
 app = celery_app(settings.broker_url, settings.queue_name)
 _bus = make_bus(settings)
 _shutting_down = threading.Event()

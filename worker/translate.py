@@ -19,19 +19,38 @@ from worker.shapley.errors import SpecError
 __all__ = ["build_game", "tmab_config"]
 
 # The estimator settings the spec and TMABConfig share, by name; batch_size belongs to the game.
-_TMAB_FIELDS = ("mode", "delta", "epsilon", "half_width", "bound", "truncation", "patience", "seed",
-                "max_iterations", "max_evaluations", "max_seconds")
+_TMAB_FIELDS = (
+    "mode",
+    "delta",
+    "epsilon",
+    "half_width",
+    "bound",
+    "truncation",
+    "patience",
+    "seed",
+    "max_iterations",
+    "max_evaluations",
+    "max_seconds",
+)
 
 
-def build_game(spec: JobSpec, model_path: Path | str, data_path: Path | str,
-               device: str | None = None) -> tuple[NeuronGame, TMABConfig]:
+def build_game(
+    spec: JobSpec, model_path: Path | str, data_path: Path | str, device: str | None = None
+) -> tuple[NeuronGame, TMABConfig]:
     """Load the model and data and make the game and the estimator settings ``spec`` asks for."""
     metric = spec.metric
     game = NeuronGame(
-        load_model(model_path), load_data(data_path),
-        MetricSpec(metric.name, class_=metric.class_, group=metric.group,
-                   groups=(metric.groups[0], metric.groups[1]) if metric.groups else None),
-        layers=spec.players.layers, ablation=spec.players.ablation, batch_size=spec.estimator.batch_size,
+        load_model(model_path),
+        load_data(data_path),
+        MetricSpec(
+            metric.name,
+            class_=metric.class_,
+            group=metric.group,
+            groups=(metric.groups[0], metric.groups[1]) if metric.groups else None,
+        ),
+        layers=spec.players.layers,
+        ablation=spec.players.ablation,
+        batch_size=spec.estimator.batch_size,
         device=device,
     )
     return game, tmab_config(spec.estimator, game.n_players)
@@ -44,8 +63,10 @@ def tmab_config(estimator: EstimatorSpec, n_players: int) -> TMABConfig:
         config = replace(config, top_k=estimator.top_k)
     elif config.mode != "all":
         if n_players < 2:
-            raise SpecError(f"The layers chosen have {n_players} neuron; mode {config.mode!r} needs at least two "
-                            "to rank. Choose more layers, or mode 'all'.")
+            raise SpecError(
+                f"The layers chosen have {n_players} neuron; mode {config.mode!r} needs at least two "
+                "to rank. Choose more layers, or mode 'all'."
+            )
         config = replace(config, top_k=min(DEFAULT_TOP_K, n_players - 1))
     config.validate(n_players)
     return config

@@ -32,16 +32,26 @@ class Settings(BaseSettings):
     publish_interval_s: float = Field(1.0, description="least time between two live-bound publications of a job")
     checkpoint_interval_s: float = Field(60.0, description="least time between two checkpoints of a job")
     cancel_poll_s: float = Field(1.0, description="how often a running job looks for a cancel request")
-    cursor_secret: str = Field("dev-only-change-me", description="signs page cursors; set the same value on every API replica")
+    cursor_secret: str = Field(
+        "dev-only-change-me", description="signs page cursors; set the same value on every API replica"
+    )
     allow_pickle_models: bool = Field(False, description="accept .pt2 uploads, whose loading unpickles (runs code)")
     migrate_on_start: bool = Field(True, description="run the migrations when the API starts")
     ablation_k: int = Field(10, ge=1, description="the ablation check removes the top 1..K neurons")
     lease_s: float = Field(60.0, gt=0, description="a running job's lease; its worker renews it every third of this")
-    requeue_after_s: float = Field(60.0, gt=0, description="a queued job sent this long ago and not in the queue is sent again")
-    db_outage_s: float = Field(900.0, ge=0, description="how long a worker waits out a database outage before giving up a job's write")
+    requeue_after_s: float = Field(
+        60.0, gt=0, description="a queued job sent this long ago and not in the queue is sent again"
+    )
+    db_outage_s: float = Field(
+        900.0, ge=0, description="how long a worker waits out a database outage before giving up a job's write"
+    )
     reconcile_interval_s: float = Field(30.0, gt=0, description="how often a worker looks for jobs to recover")
-    require_api_keys: bool = Field(False, description="demand `Authorization: Bearer <key>`; off: one tenant, `default`")
-    max_active_jobs_per_tenant: int = Field(20, ge=1, description="queued and running jobs a tenant may have (429 beyond)")
+    require_api_keys: bool = Field(
+        False, description="demand `Authorization: Bearer <key>`; off: one tenant, `default`"
+    )
+    max_active_jobs_per_tenant: int = Field(
+        20, ge=1, description="queued and running jobs a tenant may have (429 beyond)"
+    )
 
     @property
     def resolved_database_url(self) -> str:

@@ -23,9 +23,14 @@ def encode(position: dict, scope: str, secret: str) -> str:
 def decode(cursor: str, scope: str, secret: str) -> dict:
     body, _, signature = cursor.partition(".")
     if not signature or not hmac.compare_digest(signature, _sign(body, scope, secret)):
-        raise Problem(400, "invalid-cursor", "Invalid cursor",
-                      "This cursor was not issued for this list; pass the `next_cursor` of the previous page "
-                      "unchanged, with the same filters, or omit it to start from the first page.", field="cursor")
+        raise Problem(
+            400,
+            "invalid-cursor",
+            "Invalid cursor",
+            "This cursor was not issued for this list; pass the `next_cursor` of the previous page "
+            "unchanged, with the same filters, or omit it to start from the first page.",
+            field="cursor",
+        )
     return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
 
 

@@ -65,12 +65,24 @@ class BodyLimit:
                 await self._refuse(scope, send)
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
-        problem = Problem(413, "too-large", "Request too large",
-                          f"The request body is over this service's limit of {self.limit} bytes (model, data and spec "
-                          "together); send a smaller evaluation set or ask the operator to raise "
-                          "NEURONSHAP_MAX_MODEL_BYTES / NEURONSHAP_MAX_DATA_BYTES.")
+        problem = Problem(
+            413,
+            "too-large",
+            "Request too large",
+            f"The request body is over this service's limit of {self.limit} bytes (model, data and spec "
+            "together); send a smaller evaluation set or ask the operator to raise "
+            "NEURONSHAP_MAX_MODEL_BYTES / NEURONSHAP_MAX_DATA_BYTES.",
+        )
         body = json.dumps(problem.body(scope.get("path"))).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", MEDIA_TYPE.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

@@ -26,8 +26,16 @@ log = logging.getLogger(__name__)
 class Problem(Exception):
     """An error the client can act on: ``detail`` says what is wrong and how to fix it."""
 
-    def __init__(self, status: int, slug: str, title: str, detail: str, *, field: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        title: str,
+        detail: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status, self.slug, self.title, self.detail = status, slug, title, detail
         self.field, self.headers = field, headers
@@ -42,13 +50,18 @@ class Problem(Exception):
 
 
 def not_found(what: str, ident: str) -> Problem:
-    return Problem(404, "not-found", f"{what.capitalize()} not found",
-                   f"There is no {what} {ident!r} (or it belongs to another tenant); list jobs with GET /v1/jobs.")
+    return Problem(
+        404,
+        "not-found",
+        f"{what.capitalize()} not found",
+        f"There is no {what} {ident!r} (or it belongs to another tenant); list jobs with GET /v1/jobs.",
+    )
 
 
 def respond(problem: Problem, instance: str | None = None) -> JSONResponse:
-    return JSONResponse(problem.body(instance), status_code=problem.status, media_type=MEDIA_TYPE,
-                        headers=problem.headers)
+    return JSONResponse(
+        problem.body(instance), status_code=problem.status, media_type=MEDIA_TYPE, headers=problem.headers
+    )
 
 
 def field_path(loc: tuple) -> str:
@@ -75,17 +88,26 @@ def install(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else title
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"No route {request.method} {request.url.path}; the API lives under /v1 (see /docs)."
-        return respond(Problem(exc.status_code, f"http-{exc.status_code}", title, detail,
-                               headers=getattr(exc, "headers", None)), request.url.path)
+        return respond(
+            Problem(exc.status_code, f"http-{exc.status_code}", title, detail, headers=getattr(exc, "headers", None)),
+            request.url.path,
+        )
 
     async def _database_away(request: Request, exc: Exception) -> JSONResponse:
         # A restarting database is an outage, not a bug: say so and when to come back, so that pollers wait
         # instead of giving up (and a load balancer's retry does not look like a 500 loop).
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return respond(Problem(503, "unavailable", "Service unavailable",
-                               "The job database is unreachable (restarting or overloaded); nothing was lost. "
-                               f"Retry in {DATABASE_RETRY_AFTER_S} s.",
-                               headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)}), request.url.path)
+        return respond(
+            Problem(
+                503,
+                "unavailable",
+                "Service unavailable",
+                "The job database is unreachable (restarting or overloaded); nothing was lost. "
+                f"Retry in {DATABASE_RETRY_AFTER_S} s.",
+                headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+            ),
+            request.url.path,
+        )
 
     for error in UNAVAILABLE:
         app.add_exception_handler(error, _database_away)
@@ -93,5 +115,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return respond(Problem(500, "internal", "Internal error",
-                               "The service failed on this request; it was logged. Retry later."), request.url.path)
+        return respond(
+            Problem(
+                500, "internal", "Internal error", "The service failed on this request; it was logged. Retry later."
+            ),
+            request.url.path,
+        )

@@ -44,6 +44,7 @@ class Queue(Protocol):
     def enqueue(self, job_id: str) -> None: ...
     def waiting(self) -> set[str] | None:
         """The jobs whose message waits in the queue; None when the queue cannot tell."""
+
     def ping(self) -> None: ...
 
 
@@ -147,7 +148,9 @@ def make_queue(settings: Settings, bus: "Bus", run_job: RunJob | None) -> Queue:
     if settings.broker_url:
         return CeleryQueue(settings.broker_url, settings.queue_name)
     if run_job is None:
-        raise RuntimeError("No broker is configured (NEURONSHAP_BROKER_URL) and this app was built without a job "
-                           "runner for the embedded queue: start the service with `neuronshap serve` (or uvicorn "
-                           "--factory neuronshap.server:app), or set NEURONSHAP_BROKER_URL and run workers.")
+        raise RuntimeError(
+            "No broker is configured (NEURONSHAP_BROKER_URL) and this app was built without a job "
+            "runner for the embedded queue: start the service with `neuronshap serve` (or uvicorn "
+            "--factory neuronshap.server:app), or set NEURONSHAP_BROKER_URL and run workers."
+        )
     return ThreadQueue(settings, bus, run_job)

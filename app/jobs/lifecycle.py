@@ -93,8 +93,9 @@ def submitted(bus: Bus, job_id: str) -> None:
 
 def mark_sent(session: Session, job_ids: Iterable[str]) -> None:
     """Record that these queued jobs were just handed to the queue: the reconciler waits before sending again."""
-    session.execute(update(Job).where(Job.id.in_(list(job_ids)), Job.state == JobState.QUEUED)
-                    .values(enqueued_at=now()))
+    session.execute(
+        update(Job).where(Job.id.in_(list(job_ids)), Job.state == JobState.QUEUED).values(enqueued_at=now())
+    )
     session.commit()
 
 
@@ -105,12 +106,18 @@ def request_cancel(session: Session, bus: Bus, job_id: str) -> None:
     ``cancelling`` too, and the next worker to take it stores those estimates and ends it. Anything else is left
     as it is (cancelling again is a no-op; a finished job is the caller's 409).
     """
-    if session.execute(update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED, ~has_checkpoint())
-                       .values(state=JobState.CANCELLED, cancel_requested=True, finished_at=now())).rowcount:
+    if session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.QUEUED, ~has_checkpoint())
+        .values(state=JobState.CANCELLED, cancel_requested=True, finished_at=now())
+    ).rowcount:
         session.commit()
         announce_end(bus, job_id, {"state": JobState.CANCELLED})
-    elif session.execute(update(Job).where(Job.id == job_id, Job.state.in_((JobState.QUEUED, JobState.RUNNING)))
-                         .values(state=JobState.CANCELLING, cancel_requested=True)).rowcount:
+    elif session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_((JobState.QUEUED, JobState.RUNNING)))
+        .values(state=JobState.CANCELLING, cancel_requested=True)
+    ).rowcount:
         session.commit()
         announce(bus, job_id, "state", {"state": JobState.CANCELLING})
     else:
@@ -126,11 +133,19 @@ def claim(session: Session, bus: Bus, lease: Lease) -> Job | None:
     A cancelling job stays cancelling: its worker stores the partial estimates and ends it.
     """
     t = now()
-    claimable = or_(Job.state == JobState.QUEUED,
-                    and_(Job.state.in_((JobState.RUNNING, JobState.CANCELLING)), _unleased(t)))
-    claimed = session.execute(update(Job).where(Job.id == lease.job_id, claimable).values(
-        state=_unless_cancelling(JobState.RUNNING), started_at=func.coalesce(Job.started_at, t),
-        lease_owner=lease.owner, lease_expires_at=lease.expiry())).rowcount
+    claimable = or_(
+        Job.state == JobState.QUEUED, and_(Job.state.in_((JobState.RUNNING, JobState.CANCELLING)), _unleased(t))
+    )
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == lease.job_id, claimable)
+        .values(
+            state=_unless_cancelling(JobState.RUNNING),
+            started_at=func.coalesce(Job.started_at, t),
+            lease_owner=lease.owner,
+            lease_expires_at=lease.expiry(),
+        )
+    ).rowcount
     session.commit()
     job = session.get(Job, lease.job_id) if claimed else None
     if job is not None:
@@ -140,8 +155,11 @@ def claim(session: Session, bus: Bus, lease: Lease) -> Job | None:
 
 def renew(session: Session, lease: Lease) -> bool:
     """Extend the lease; False when it was lost (expired and claimed by another worker, or the job was deleted)."""
-    renewed = session.execute(update(Job).where(lease.mine(), Job.state.in_((JobState.RUNNING, JobState.CANCELLING)))
-                              .values(lease_expires_at=lease.expiry())).rowcount
+    renewed = session.execute(
+        update(Job)
+        .where(lease.mine(), Job.state.in_((JobState.RUNNING, JobState.CANCELLING)))
+        .values(lease_expires_at=lease.expiry())
+    ).rowcount
     session.commit()
     return bool(renewed)
 
@@ -156,8 +174,16 @@ def checkpoint(session: Session, lease: Lease, state: bytes, iterations: int, pr
     return True
 
 
-def finish(session: Session, bus: Bus, lease: Lease, outcome: JobState, neurons: list[dict], summary: dict,
-           progress: dict, curve: dict | None) -> JobState | None:
+def finish(
+    session: Session,
+    bus: Bus,
+    lease: Lease,
+    outcome: JobState,
+    neurons: list[dict],
+    summary: dict,
+    progress: dict,
+    curve: dict | None,
+) -> JobState | None:
     """running or cancelling → ``outcome`` (succeeded, or cancelled for a run stopped by a cancel request), with the
     result, in one transaction: a result is whole or absent. None: the lease was lost and nothing was written.
 
@@ -165,9 +191,18 @@ def finish(session: Session, bus: Bus, lease: Lease, outcome: JobState, neurons:
     """
     if outcome not in (JobState.SUCCEEDED, JobState.CANCELLED):
         raise ValueError(f"a job finishes succeeded or cancelled, not {outcome}")
-    if not session.execute(update(Job).where(lease.mine(), Job.state.in_((JobState.RUNNING, JobState.CANCELLING)))
-                           .values(state=outcome, finished_at=now(), summary=summary, progress=progress,
-                                   lease_owner=None, lease_expires_at=None)).rowcount:
+    if not session.execute(
+        update(Job)
+        .where(lease.mine(), Job.state.in_((JobState.RUNNING, JobState.CANCELLING)))
+        .values(
+            state=outcome,
+            finished_at=now(),
+            summary=summary,
+            progress=progress,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    ).rowcount:
         session.rollback()
         log.warning("job %s: lease lost before the result was written; another worker owns it", lease.job_id)
         return None
@@ -185,9 +220,11 @@ def finish(session: Session, bus: Bus, lease: Lease, outcome: JobState, neurons:
 
 def fail(session: Session, bus: Bus, lease: Lease, error: dict) -> JobState | None:
     """running or cancelling → failed, with the error users read; None when the lease was lost."""
-    if not session.execute(update(Job).where(lease.mine(), Job.state.in_((JobState.RUNNING, JobState.CANCELLING)))
-                           .values(state=JobState.FAILED, finished_at=now(), error=error, lease_owner=None,
-                                   lease_expires_at=None)).rowcount:
+    if not session.execute(
+        update(Job)
+        .where(lease.mine(), Job.state.in_((JobState.RUNNING, JobState.CANCELLING)))
+        .values(state=JobState.FAILED, finished_at=now(), error=error, lease_owner=None, lease_expires_at=None)
+    ).rowcount:
         session.rollback()
         return None
     session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == lease.job_id))
@@ -200,10 +237,12 @@ def fail(session: Session, bus: Bus, lease: Lease, error: dict) -> JobState | No
 def hand_back(session: Session, bus: Bus, lease: Lease) -> JobState | None:
     """running → queued (a cancelling job stays cancelling), lease released: the worker is shutting down and the
     next worker resumes from the checkpoint. None when the lease was lost."""
-    handed_back = session.execute(update(Job).where(lease.mine(), Job.state.in_((JobState.RUNNING, JobState.CANCELLING)))
-                                  .values(state=_unless_cancelling(JobState.QUEUED), lease_owner=None,
-                                          lease_expires_at=None, enqueued_at=now())
-                                  .returning(Job.state)).scalar_one_or_none()
+    handed_back = session.execute(
+        update(Job)
+        .where(lease.mine(), Job.state.in_((JobState.RUNNING, JobState.CANCELLING)))
+        .values(state=_unless_cancelling(JobState.QUEUED), lease_owner=None, lease_expires_at=None, enqueued_at=now())
+        .returning(Job.state)
+    ).scalar_one_or_none()
     session.commit()
     if handed_back is None:
         return None
@@ -221,10 +260,16 @@ def recover_expired(session: Session, bus: Bus) -> None:
     one ends ``cancelled`` when there is nothing to keep, else waits for a worker to store its estimates."""
     expired = Job.lease_expires_at < now()
     _release_cancellations(session, bus, expired)
-    requeued = session.execute(update(Job).where(Job.state == JobState.RUNNING, expired)
-                               .values(state=JobState.QUEUED, lease_owner=None, lease_expires_at=None,
-                                       enqueued_at=None)
-                               .returning(Job.id)).scalars().all()
+    requeued = (
+        session.execute(
+            update(Job)
+            .where(Job.state == JobState.RUNNING, expired)
+            .values(state=JobState.QUEUED, lease_owner=None, lease_expires_at=None, enqueued_at=None)
+            .returning(Job.id)
+        )
+        .scalars()
+        .all()
+    )
     session.commit()
     for job_id in requeued:
         log.warning("job %s: its worker stopped renewing the lease; requeued", job_id)
@@ -233,9 +278,16 @@ def recover_expired(session: Session, bus: Bus) -> None:
 
 def recover_all(session: Session, bus: Bus) -> None:
     """At the embedded service's start: every lease belonged to the previous process, its only worker."""
-    requeued = session.execute(update(Job).where(Job.state == JobState.RUNNING)
-                               .values(state=JobState.QUEUED, lease_owner=None, lease_expires_at=None)
-                               .returning(Job.id)).scalars().all()
+    requeued = (
+        session.execute(
+            update(Job)
+            .where(Job.state == JobState.RUNNING)
+            .values(state=JobState.QUEUED, lease_owner=None, lease_expires_at=None)
+            .returning(Job.id)
+        )
+        .scalars()
+        .all()
+    )
     _release_cancellations(session, bus)
     session.commit()
     for job_id in requeued:
@@ -245,12 +297,21 @@ def recover_all(session: Session, bus: Bus) -> None:
 def _release_cancellations(session: Session, bus: Bus, *where: ColumnElement[bool]) -> None:
     """Cancelling jobs whose worker is gone: one without a checkpoint ends ``cancelled`` here; one with a checkpoint
     loses its lease, to be sent to a worker that stores its partial estimates and ends it. Commits."""
-    ended = session.execute(update(Job).where(Job.state == JobState.CANCELLING, ~has_checkpoint(), *where)
-                            .values(state=JobState.CANCELLED, finished_at=now(), lease_owner=None,
-                                    lease_expires_at=None)
-                            .returning(Job.id)).scalars().all()
-    session.execute(update(Job).where(Job.state == JobState.CANCELLING, Job.lease_owner.is_not(None), *where)
-                    .values(lease_owner=None, lease_expires_at=None, enqueued_at=None))
+    ended = (
+        session.execute(
+            update(Job)
+            .where(Job.state == JobState.CANCELLING, ~has_checkpoint(), *where)
+            .values(state=JobState.CANCELLED, finished_at=now(), lease_owner=None, lease_expires_at=None)
+            .returning(Job.id)
+        )
+        .scalars()
+        .all()
+    )
+    session.execute(
+        update(Job)
+        .where(Job.state == JobState.CANCELLING, Job.lease_owner.is_not(None), *where)
+        .values(lease_owner=None, lease_expires_at=None, enqueued_at=None)
+    )
     session.commit()
     for job_id in ended:
         log.warning("job %s: cancelled (its worker stopped renewing the lease while cancelling)", job_id)

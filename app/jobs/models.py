@@ -4,8 +4,21 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import (JSON, Boolean, ColumnElement, DateTime, Enum, Float, ForeignKey, Index, Integer, LargeBinary,
-                        String, UniqueConstraint, exists)
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    ColumnElement,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    exists,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base
@@ -13,8 +26,14 @@ from app.core.db import Base
 from .states import JobState
 
 # Stored as the state's text in a VARCHAR(16) (the column migration 0001 made), read back as a JobState.
-STATE_COLUMN = Enum(JobState, native_enum=False, create_constraint=False, length=16,
-                    values_callable=lambda states: [s.value for s in states], validate_strings=True)
+STATE_COLUMN = Enum(
+    JobState,
+    native_enum=False,
+    create_constraint=False,
+    length=16,
+    values_callable=lambda states: [s.value for s in states],
+    validate_strings=True,
+)
 
 
 class Job(Base):

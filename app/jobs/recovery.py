@@ -44,9 +44,13 @@ def reconcile(settings: Settings, queue: Queue, bus: Bus) -> list[str]:
     with session_factory(settings.resolved_database_url)() as session:
         lifecycle.recover_expired(session, bus)
         stale = now() - timedelta(seconds=settings.requeue_after_s)
-        ids = list(session.scalars(select(Job.id).where(
-            lifecycle.waiting_for_worker(), or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale))
-            .order_by(Job.created_at)))
+        ids = list(
+            session.scalars(
+                select(Job.id)
+                .where(lifecycle.waiting_for_worker(), or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale))
+                .order_by(Job.created_at)
+            )
+        )
     waiting = queue.waiting()
     if waiting is not None:  # a job whose message is still in the queue is waiting its turn, not lost
         ids = [job_id for job_id in ids if job_id not in waiting]

@@ -23,33 +23,61 @@ from .states import JobState
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 PROBLEM = {"content": {MEDIA_TYPE: {}}, "description": "a problem document (RFC 9457)"}
-ERRORS = {400: PROBLEM, 401: PROBLEM, 404: PROBLEM, 409: PROBLEM, 413: PROBLEM, 415: PROBLEM, 422: PROBLEM,
-          429: PROBLEM, 503: PROBLEM}
+ERRORS = {
+    400: PROBLEM,
+    401: PROBLEM,
+    404: PROBLEM,
+    409: PROBLEM,
+    413: PROBLEM,
+    415: PROBLEM,
+    422: PROBLEM,
+    429: PROBLEM,
+    503: PROBLEM,
+}
 
 
 @router.post("", status_code=202, response_model=JobOut, responses=ERRORS)
 async def submit_job(
-    response: Response, session: SessionDep, settings: SettingsDep, store: StoreDep, queue: QueueDep, bus: BusDep,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    queue: QueueDep,
+    bus: BusDep,
     tenant: TenantDep,
     model: Annotated[UploadFile, File(description="an ONNX model (.onnx); .pt2 only where the operator allows it")],
-    data: Annotated[UploadFile, File(description=".npz or .safetensors with `inputs`, `labels` and optionally `groups`")],
-    spec: Annotated[str, Form(description="the job spec as JSON text (schema `JobSpec`, docs/API.md); only "
-                                          "`metric.name` is required",
-                              json_schema_extra={"contentMediaType": "application/json",
-                                                 "contentSchema": {"$ref": "#/components/schemas/JobSpec"}})],
+    data: Annotated[
+        UploadFile, File(description=".npz or .safetensors with `inputs`, `labels` and optionally `groups`")
+    ],
+    spec: Annotated[
+        str,
+        Form(
+            description="the job spec as JSON text (schema `JobSpec`, docs/API.md); only `metric.name` is required",
+            json_schema_extra={
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/JobSpec"},
+            },
+        ),
+    ],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict:
     """Start a job: rank the model's neurons for the metric on the data."""
-    job, _ = await service.create_job(session, settings, store, queue, bus, tenant, spec, _upload(model),
-                                      _upload(data), idempotency_key)
+    job, _ = await service.create_job(
+        session, settings, store, queue, bus, tenant, spec, _upload(model), _upload(data), idempotency_key
+    )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return await run_in_threadpool(service.job_view, job, bus)  # it may ask Redis: off the event loop
 
 
 @router.get("", response_model=Page[JobOut], responses=ERRORS)
 def list_jobs(
-    session: SessionDep, settings: SettingsDep, bus: BusDep, tenant: TenantDep,
-    state: JobState | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: str | None = None,
+    session: SessionDep,
+    settings: SettingsDep,
+    bus: BusDep,
+    tenant: TenantDep,
+    state: JobState | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
 ) -> dict:
     """The tenant's jobs, newest first."""
     return service.list_jobs(session, settings, bus, tenant, state, limit, cursor)
@@ -76,9 +104,15 @@ def delete_job(job_id: str, session: SessionDep, store: StoreDep, bus: BusDep, t
 
 @router.get("/{job_id}/neurons", response_model=Page[Neuron], responses=ERRORS)
 def list_neurons(
-    job_id: str, session: SessionDep, settings: SettingsDep, bus: BusDep, tenant: TenantDep,
-    order: Literal["desc", "asc"] = "desc", limit: Annotated[int, Query(ge=1, le=5000)] = 100,
-    cursor: str | None = None, layer: str | None = None,
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    bus: BusDep,
+    tenant: TenantDep,
+    order: Literal["desc", "asc"] = "desc",
+    limit: Annotated[int, Query(ge=1, le=5000)] = 100,
+    cursor: str | None = None,
+    layer: str | None = None,
 ) -> dict:
     """The ranked neurons (``desc``: highest value first): live while the job runs, final after."""
     job = service.get_job(session, tenant, job_id)
@@ -87,13 +121,19 @@ def list_neurons(
 
 @router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}, **ERRORS})
 async def job_events(
-    job_id: str, request: Request, session: SessionDep, settings: SettingsDep, bus: BusDep, tenant: TenantDep,
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    bus: BusDep,
+    tenant: TenantDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     """Server-Sent Events ``progress``, ``bounds``, ``state`` and a last ``done``; resumable with Last-Event-ID."""
     events = await service.job_events(session, settings, bus, tenant, job_id, last_event_id, request.is_disconnected)
-    return StreamingResponse(_sse(events), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        _sse(events), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 @router.get("/{job_id}/ablation", responses=ERRORS)

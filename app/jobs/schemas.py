@@ -50,8 +50,10 @@ class JobOut(BaseModel):
     spec: JobSpec = Field(description="the spec as submitted, with every default filled in")
     progress: Progress
     error: JobError | None
-    summary: dict | None = Field(None, description="how the result was produced (stop reason, work done, "
-                                                    "estimator settings); set when the job ends")
+    summary: dict | None = Field(
+        None,
+        description="how the result was produced (stop reason, work done, estimator settings); set when the job ends",
+    )
     links: JobLinks
 
 
@@ -69,8 +71,10 @@ class Neuron(BaseModel):
     lower: float
     upper: float
     samples: int
-    status: NeuronStatus = Field(description="top/bottom: certified in the top/bottom k; out: certified not; "
-                                             "decided: interval narrow enough (mode all); undecided")
+    status: NeuronStatus = Field(
+        description="top/bottom: certified in the top/bottom k; out: certified not; "
+        "decided: interval narrow enough (mode all); undecided"
+    )
 
 
 T = TypeVar("T")

@@ -57,8 +57,13 @@ class Upload:
 
 def parse_spec(text: str, limit: int) -> JobSpec:
     if len(text.encode()) > limit:
-        raise Problem(413, "too-large", "Spec too large", f"The spec is over {limit} bytes; it should be a small JSON object.",
-                      field="spec")
+        raise Problem(
+            413,
+            "too-large",
+            "Spec too large",
+            f"The spec is over {limit} bytes; it should be a small JSON object.",
+            field="spec",
+        )
     try:
         return JobSpec.model_validate_json(text)
     except ValidationError as exc:
@@ -68,7 +73,7 @@ def parse_spec(text: str, limit: int) -> JobSpec:
             (f"spec.{field_path(tuple(e['loc']))}: " if e.get("loc") else "spec: ") + e["msg"] for e in errors
         )
         if errors[0]["type"] == "json_invalid":
-            detail = f"The spec is not valid JSON ({errors[0]['msg']}); send a JSON object such as {{\"metric\": {{\"name\": \"accuracy\"}}}}."
+            detail = f'The spec is not valid JSON ({errors[0]["msg"]}); send a JSON object such as {{"metric": {{"name": "accuracy"}}}}.'
         raise Problem(422, "invalid-spec", "Invalid spec", detail, field=where) from exc
 
 
@@ -76,8 +81,13 @@ async def _store_upload(store: BlobStore, upload: Upload, limit: int, field: str
     try:
         digest, size = await store.put_stream(upload.chunks, limit)
     except BlobTooLarge as exc:
-        raise Problem(413, "too-large", "Upload too large",
-                      f"The {field} file is larger than this service's limit of {exc.limit} bytes.", field=field) from exc
+        raise Problem(
+            413,
+            "too-large",
+            "Upload too large",
+            f"The {field} file is larger than this service's limit of {exc.limit} bytes.",
+            field=field,
+        ) from exc
     if size == 0:
         raise Problem(422, "invalid-file", "Invalid file", f"The {field} file is empty.", field=field)
     return digest, size
@@ -85,14 +95,24 @@ async def _store_upload(store: BlobStore, upload: Upload, limit: int, field: str
 
 def _forget_blob(session: Session, store: BlobStore, digest: str) -> None:
     """Delete a blob no job refers to (a job shares a blob with every other upload of the same bytes)."""
-    used = session.scalar(select(func.count()).select_from(Job).where(or_(Job.model_blob == digest, Job.data_blob == digest)))
+    used = session.scalar(
+        select(func.count()).select_from(Job).where(or_(Job.model_blob == digest, Job.data_blob == digest))
+    )
     if not used:
         store.delete(digest)
 
 
 async def create_job(
-    session: Session, settings: Settings, store: BlobStore, queue: Queue, bus: Bus, tenant: str,
-    spec_text: str, model: Upload, data: Upload, idempotency_key: str | None,
+    session: Session,
+    settings: Settings,
+    store: BlobStore,
+    queue: Queue,
+    bus: Bus,
+    tenant: str,
+    spec_text: str,
+    model: Upload,
+    data: Upload,
+    idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     """Store the uploads, record the job and queue it. Returns the job and whether it is new.
 
@@ -105,13 +125,33 @@ async def create_job(
     # The rest blocks on the database: in a worker thread, so that a slow database (or a wait for a pooled
     # connection) never stalls the event loop, which every other request, and the release of their
     # connections, goes through.
-    return await run_in_threadpool(_record_job, session, settings, store, queue, bus, tenant, spec,
-                                   (model.filename, model_blob), (data.filename, data_blob), idempotency_key)
+    return await run_in_threadpool(
+        _record_job,
+        session,
+        settings,
+        store,
+        queue,
+        bus,
+        tenant,
+        spec,
+        (model.filename, model_blob),
+        (data.filename, data_blob),
+        idempotency_key,
+    )
 
 
-def _record_job(session: Session, settings: Settings, store: BlobStore, queue: Queue, bus: Bus, tenant: str,
-                spec: JobSpec, model: tuple[str | None, str], data: tuple[str | None, str],
-                idempotency_key: str | None) -> tuple[Job, bool]:
+def _record_job(
+    session: Session,
+    settings: Settings,
+    store: BlobStore,
+    queue: Queue,
+    bus: Bus,
+    tenant: str,
+    spec: JobSpec,
+    model: tuple[str | None, str],
+    data: tuple[str | None, str],
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
     (model_name, model_blob), (data_name, data_blob) = model, data
     try:
         model_fmt = uploads.model_format(model_name, store.path(model_blob), settings.allow_pickle_models)
@@ -122,23 +162,33 @@ def _record_job(session: Session, settings: Settings, store: BlobStore, queue: Q
         raise
 
     spec_json = spec.model_dump(mode="json", by_alias=True)
-    request_hash = hashlib.sha256(
-        json.dumps([spec_json, model_blob, data_blob], sort_keys=True).encode()
-    ).hexdigest()
+    request_hash = hashlib.sha256(json.dumps([spec_json, model_blob, data_blob], sort_keys=True).encode()).hexdigest()
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= 200:
-            raise Problem(400, "invalid-idempotency-key", "Invalid Idempotency-Key",
-                          "The Idempotency-Key header must be 1 to 200 characters (a UUID is a good choice).",
-                          field="Idempotency-Key")
+            raise Problem(
+                400,
+                "invalid-idempotency-key",
+                "Invalid Idempotency-Key",
+                "The Idempotency-Key header must be 1 to 200 characters (a UUID is a good choice).",
+                field="Idempotency-Key",
+            )
         existing = _by_idempotency_key(session, tenant, idempotency_key, request_hash)
         if existing is not None:
             return existing, False
 
     _check_quota(session, settings, tenant)
     job = lifecycle.new_job(
-        id=f"j_{secrets.token_hex(10)}", tenant=tenant, name=spec.name, spec=spec_json,
-        model_blob=model_blob, model_format=model_fmt, data_blob=data_blob, data_format=data_fmt,
-        idempotency_key=idempotency_key, request_hash=request_hash, progress=Progress().model_dump(),
+        id=f"j_{secrets.token_hex(10)}",
+        tenant=tenant,
+        name=spec.name,
+        spec=spec_json,
+        model_blob=model_blob,
+        model_format=model_fmt,
+        data_blob=data_blob,
+        data_format=data_fmt,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        progress=Progress().model_dump(),
     )
     session.add(job)
     try:
@@ -158,20 +208,29 @@ def _record_job(session: Session, settings: Settings, store: BlobStore, queue: Q
 
 
 def _check_quota(session: Session, settings: Settings, tenant: str) -> None:
-    active = session.scalar(select(func.count()).select_from(Job)
-                            .where(Job.tenant == tenant, Job.state.in_(ACTIVE)))
+    active = session.scalar(select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.state.in_(ACTIVE)))
     if active >= settings.max_active_jobs_per_tenant:
-        raise Problem(429, "too-many-jobs", "Too many active jobs",
-                      f"This tenant has {active} queued or running jobs, its limit; submit again when one has "
-                      "finished (or cancel one).", headers={"Retry-After": "30"})
+        raise Problem(
+            429,
+            "too-many-jobs",
+            "Too many active jobs",
+            f"This tenant has {active} queued or running jobs, its limit; submit again when one has "
+            "finished (or cancel one).",
+            headers={"Retry-After": "30"},
+        )
 
 
 def _by_idempotency_key(session: Session, tenant: str, key: str, request_hash: str) -> Job | None:
     job = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
     if job is not None and job.request_hash != request_hash:
-        raise Problem(422, "idempotency-key-reused", "Idempotency-Key reused",
-                      f"The Idempotency-Key {key!r} was used for another request (job {job.id}) with a different spec "
-                      "or files; use a new key for a new job.", field="Idempotency-Key")
+        raise Problem(
+            422,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            f"The Idempotency-Key {key!r} was used for another request (job {job.id}) with a different spec "
+            "or files; use a new key for a new job.",
+            field="Idempotency-Key",
+        )
     return job
 
 
@@ -194,9 +253,21 @@ def job_view(job: Job, bus: Bus) -> dict:
             progress = live["progress"]
     base = f"/v1/jobs/{job.id}"
     return {
-        "id": job.id, "state": job.state, "created_at": utc(job.created_at), "started_at": utc(job.started_at),
-        "finished_at": utc(job.finished_at), "spec": job.spec, "progress": progress, "error": job.error, "summary": job.summary,
-        "links": {"self": base, "neurons": f"{base}/neurons", "events": f"{base}/events", "ablation": f"{base}/ablation"},
+        "id": job.id,
+        "state": job.state,
+        "created_at": utc(job.created_at),
+        "started_at": utc(job.started_at),
+        "finished_at": utc(job.finished_at),
+        "spec": job.spec,
+        "progress": progress,
+        "error": job.error,
+        "summary": job.summary,
+        "links": {
+            "self": base,
+            "neurons": f"{base}/neurons",
+            "events": f"{base}/events",
+            "ablation": f"{base}/ablation",
+        },
     }
 
 
@@ -209,8 +280,9 @@ def _live(bus: Bus, job_id: str) -> dict | None:
         return None
 
 
-def list_jobs(session: Session, settings: Settings, bus: Bus, tenant: str, state: JobState | None, limit: int,
-              cursor: str | None) -> dict:
+def list_jobs(
+    session: Session, settings: Settings, bus: Bus, tenant: str, state: JobState | None, limit: int, cursor: str | None
+) -> dict:
     scope = f"jobs:{tenant}:{state or ''}"
     query = select(Job).where(Job.tenant == tenant)
     if state is not None:
@@ -224,15 +296,25 @@ def list_jobs(session: Session, settings: Settings, bus: Bus, tenant: str, state
     if len(jobs) > limit:
         jobs = jobs[:limit]
         last = jobs[-1]
-        next_cursor = cursors.encode({"c": utc(last.created_at).isoformat(), "i": last.id}, scope, settings.cursor_secret)
+        next_cursor = cursors.encode(
+            {"c": utc(last.created_at).isoformat(), "i": last.id}, scope, settings.cursor_secret
+        )
     return {"items": [job_view(j, bus) for j in jobs], "next_cursor": next_cursor}
 
 
 # --- neurons and the ablation check ---------------------------------------------------------------------------
 
 
-def list_neurons(session: Session, settings: Settings, bus: Bus, job: Job, order: str, limit: int,
-                 cursor: str | None, layer: str | None) -> dict:
+def list_neurons(
+    session: Session,
+    settings: Settings,
+    bus: Bus,
+    job: Job,
+    order: str,
+    limit: int,
+    cursor: str | None,
+    layer: str | None,
+) -> dict:
     """The ranked neurons: live while the job runs, final after (rank 1 = highest value)."""
     scope = f"neurons:{job.id}:{order}:{layer or ''}"
     after = cursors.decode(cursor, scope, settings.cursor_secret)["r"] if cursor else None
@@ -263,9 +345,13 @@ def list_neurons(session: Session, settings: Settings, bus: Bus, job: Job, order
 def get_ablation(session: Session, job: Job) -> dict:
     ablation = session.get(JobAblation, job.id)
     if ablation is None:
-        raise Problem(409, "not-ready", "No ablation check yet",
-                      f"The ablation check is measured when a job succeeds; job {job.id} is {job.state}."
-                      + (" Poll GET /v1/jobs/{id} until it is succeeded." if job.state in ACTIVE else ""))
+        raise Problem(
+            409,
+            "not-ready",
+            "No ablation check yet",
+            f"The ablation check is measured when a job succeeds; job {job.id} is {job.state}."
+            + (" Poll GET /v1/jobs/{id} until it is succeeded." if job.state in ACTIVE else ""),
+        )
     return ablation.curve
 
 
@@ -282,17 +368,25 @@ def cancel_job(session: Session, bus: Bus, tenant: str, job_id: str) -> Job:
     lifecycle.request_cancel(session, bus, job_id)
     session.refresh(job)
     if job.state in (JobState.SUCCEEDED, JobState.FAILED):
-        raise Problem(409, "job-finished", "Job already finished",
-                      f"Job {job_id} is {job.state}; only a queued or running job can be cancelled.")
+        raise Problem(
+            409,
+            "job-finished",
+            "Job already finished",
+            f"Job {job_id} is {job.state}; only a queued or running job can be cancelled.",
+        )
     return job
 
 
 def delete_job(session: Session, store: BlobStore, bus: Bus, tenant: str, job_id: str) -> None:
     job = get_job(session, tenant, job_id)
     if job.state not in FINISHED:
-        raise Problem(409, "job-active", "Job still active",
-                      f"Job {job_id} is {job.state}; cancel it (POST /v1/jobs/{job_id}/cancel) and delete it once it "
-                      "is cancelled.")
+        raise Problem(
+            409,
+            "job-active",
+            "Job still active",
+            f"Job {job_id} is {job.state}; cancel it (POST /v1/jobs/{job_id}/cancel) and delete it once it "
+            "is cancelled.",
+        )
     blobs = {job.model_blob, job.data_blob}
     # Explicit: SQLite enforces ON DELETE CASCADE only under a per-connection setting.
     for table in (JobNeuron, JobAblation, JobCheckpoint):
@@ -307,9 +401,15 @@ def delete_job(session: Session, store: BlobStore, bus: Bus, tenant: str, job_id
 # --- events ---------------------------------------------------------------------------------------------------
 
 
-async def job_events(session: Session, settings: Settings, bus: Bus, tenant: str, job_id: str,
-                     last_event_id: str | None,
-                     disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[JobEvent | None]:
+async def job_events(
+    session: Session,
+    settings: Settings,
+    bus: Bus,
+    tenant: str,
+    job_id: str,
+    last_event_id: str | None,
+    disconnected: Callable[[], Awaitable[bool]],
+) -> AsyncIterator[JobEvent | None]:
     """A job's events until its ``done`` event, resuming after ``Last-Event-ID``; None when there is nothing new
     (the endpoint keeps the connection alive with it).
 
@@ -318,9 +418,13 @@ async def job_events(session: Session, settings: Settings, bus: Bus, tenant: str
     the job's record in the database says how it ended.
     """
     if last_event_id is not None and not valid_event_id(last_event_id):
-        raise Problem(400, "invalid-event-id", "Invalid Last-Event-ID",
-                      f"Last-Event-ID {last_event_id!r} is not an id this stream sent; omit it to start from the beginning.",
-                      field="Last-Event-ID")
+        raise Problem(
+            400,
+            "invalid-event-id",
+            "Invalid Last-Event-ID",
+            f"Last-Event-ID {last_event_id!r} is not an id this stream sent; omit it to start from the beginning.",
+            field="Last-Event-ID",
+        )
     job = await run_in_threadpool(get_job, session, tenant, job_id)
     session.close()  # a stream may stay open for hours: hold no connection meanwhile
     factory = session_factory(settings.resolved_database_url)

@@ -18,7 +18,9 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MetricName = Literal["accuracy", "log_likelihood", "class_recall", "group_accuracy", "worst_group_accuracy", "group_gap"]
+MetricName = Literal[
+    "accuracy", "log_likelihood", "class_recall", "group_accuracy", "worst_group_accuracy", "group_gap"
+]
 Mode = Literal["top", "bottom", "all"]
 Bound = Literal["normal", "bernstein", "bernstein_observed"]
 Ablation = Literal["zero", "mean"]
@@ -40,14 +42,17 @@ class MetricSpec(_Strict):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    name: MetricName = Field(description="accuracy; log_likelihood (mean log-probability of the true class); "
-                                         "class_recall (needs `class`); group_accuracy (needs `group`); "
-                                         "worst_group_accuracy; group_gap (needs `groups`: minus the absolute "
-                                         "accuracy gap between two groups, so a negative value widens the gap)")
+    name: MetricName = Field(
+        description="accuracy; log_likelihood (mean log-probability of the true class); "
+        "class_recall (needs `class`); group_accuracy (needs `group`); "
+        "worst_group_accuracy; group_gap (needs `groups`: minus the absolute "
+        "accuracy gap between two groups, so a negative value widens the gap)"
+    )
     class_: int | None = Field(None, alias="class", ge=0, description="for class_recall: the class whose recall")
     group: int | None = Field(None, ge=0, description="for group_accuracy: the group whose accuracy")
-    groups: list[int] | None = Field(None, min_length=2, max_length=2,
-                                     description="for group_gap: the two groups whose accuracy gap")
+    groups: list[int] | None = Field(
+        None, min_length=2, max_length=2, description="for group_gap: the two groups whose accuracy gap"
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> MetricSpec:
@@ -63,29 +68,50 @@ class MetricSpec(_Strict):
 class PlayersSpec(_Strict):
     """Which neurons play, and what a removed one outputs."""
 
-    layers: list[str] | None = Field(None, min_length=1,
-                                     description="layer names or globs (`conv2`, `layer1.*`); default every conv "
-                                                 "and linear layer but the one producing the output")
-    ablation: Ablation = Field("zero", description="a removed neuron outputs 0 (`zero`) or its mean activation "
-                                                   "over the evaluation set (`mean`)")
+    layers: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="layer names or globs (`conv2`, `layer1.*`); default every conv "
+        "and linear layer but the one producing the output",
+    )
+    ablation: Ablation = Field(
+        "zero",
+        description="a removed neuron outputs 0 (`zero`) or its mean activation over the evaluation set (`mean`)",
+    )
 
 
 class EstimatorSpec(_Strict):
     """TMAB-Shapley's settings (docs/ESTIMATOR.md); the defaults are what the benchmarks led to."""
 
-    mode: Mode = Field("top", description="`top`: find the top_k most helpful neurons; `bottom`: the top_k most "
-                                          "harmful; `all`: every value to half_width")
-    top_k: int | None = Field(None, ge=1, description=f"how many neurons top/bottom separate from the rest; default "
-                                                      f"{DEFAULT_TOP_K}, or one less than the number of neurons "
-                                                      "when the layers have no more")
+    mode: Mode = Field(
+        "top",
+        description="`top`: find the top_k most helpful neurons; `bottom`: the top_k most "
+        "harmful; `all`: every value to half_width",
+    )
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        description=f"how many neurons top/bottom separate from the rest; default "
+        f"{DEFAULT_TOP_K}, or one less than the number of neurons "
+        "when the layers have no more",
+    )
     delta: float = Field(0.05, gt=0, lt=1, description="error level of all intervals together (union bound)")
-    epsilon: float = Field(0.005, ge=0, description="near-tie tolerance: a neuron within epsilon of the top-k "
-                                                    "threshold counts as decided")
+    epsilon: float = Field(
+        0.005, ge=0, description="near-tie tolerance: a neuron within epsilon of the top-k threshold counts as decided"
+    )
     half_width: float = Field(0.01, gt=0, description="target interval half-width for mode `all`")
-    bound: Bound = Field("normal", description="the confidence interval: `normal` (z·s/√n), `bernstein` "
-                                               "(rigorous, known range), `bernstein_observed` (observed range)")
-    truncation: float = Field(0.1, ge=0, lt=1, description="stop a walk once the value stays within this fraction "
-                                                           "of |V(all) − V(∅)| of V(∅); 0: no truncation")
+    bound: Bound = Field(
+        "normal",
+        description="the confidence interval: `normal` (z·s/√n), `bernstein` "
+        "(rigorous, known range), `bernstein_observed` (observed range)",
+    )
+    truncation: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="stop a walk once the value stays within this fraction "
+        "of |V(all) − V(∅)| of V(∅); 0: no truncation",
+    )
     patience: int = Field(5, ge=1, description="evaluated steps within the truncation band before a walk stops")
     batch_size: int = Field(64, ge=1, description="evaluation examples per walk")
     seed: int = Field(0, description="the whole run is a function of it")

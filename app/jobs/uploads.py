@@ -39,22 +39,36 @@ def model_format(filename: str | None, path: Path, allow_pickle: bool) -> str:
         head = f.read(4)
     if suffix == ".onnx" or (not suffix and head[:1] == b"\x08"):
         if not head or head[:1] != b"\x08":  # an ONNX ModelProto starts with field 1 (ir_version), a varint
-            raise _bad("model", "The model file is not an ONNX model (it does not start like one). "
-                                "Export it with torch.onnx.export(..., external_data=False) and upload the .onnx file.")
+            raise _bad(
+                "model",
+                "The model file is not an ONNX model (it does not start like one). "
+                "Export it with torch.onnx.export(..., external_data=False) and upload the .onnx file.",
+            )
         return "onnx"
     if suffix == ".pt2":
         if head != b"PK\x03\x04":
-            raise _bad("model", "The .pt2 file is not a torch.export archive (not a zip file); save it with torch.export.save.")
+            raise _bad(
+                "model", "The .pt2 file is not a torch.export archive (not a zip file); save it with torch.export.save."
+            )
         if not allow_pickle:
-            raise _unsupported("model", "Loading a .pt2 program unpickles, which can run code, so this service refuses it "
-                                        "unless its operator sets NEURONSHAP_ALLOW_PICKLE_MODELS=true. Upload an ONNX "
-                                        "export instead (torch.onnx.export(model, example, 'model.onnx', external_data=False)).")
+            raise _unsupported(
+                "model",
+                "Loading a .pt2 program unpickles, which can run code, so this service refuses it "
+                "unless its operator sets NEURONSHAP_ALLOW_PICKLE_MODELS=true. Upload an ONNX "
+                "export instead (torch.onnx.export(model, example, 'model.onnx', external_data=False)).",
+            )
         return "pt2"
     if suffix in PICKLE_SUFFIXES:
-        raise _unsupported("model", f"{suffix} files are pickles, and loading a pickle runs code; this service does not. "
-                                    "Export the model to ONNX (torch.onnx.export(..., external_data=False)) and upload that.")
-    raise _unsupported("model", f"The model must be an ONNX file (.onnx) or a torch.export program (.pt2); got "
-                                f"{filename or 'a file without a name'!r}.")
+        raise _unsupported(
+            "model",
+            f"{suffix} files are pickles, and loading a pickle runs code; this service does not. "
+            "Export the model to ONNX (torch.onnx.export(..., external_data=False)) and upload that.",
+        )
+    raise _unsupported(
+        "model",
+        f"The model must be an ONNX file (.onnx) or a torch.export program (.pt2); got "
+        f"{filename or 'a file without a name'!r}.",
+    )
 
 
 def data_format(filename: str | None, path: Path, max_unpacked: int) -> str:
@@ -71,8 +85,11 @@ def data_format(filename: str | None, path: Path, max_unpacked: int) -> str:
         arrays = _safetensors_headers(path)
         fmt = "safetensors"
     else:
-        raise _unsupported("data", f"The data must be .npz or .safetensors with arrays `inputs`, `labels` and "
-                                   f"optionally `groups`; got {filename or 'a file without a name'!r}.")
+        raise _unsupported(
+            "data",
+            f"The data must be .npz or .safetensors with arrays `inputs`, `labels` and "
+            f"optionally `groups`; got {filename or 'a file without a name'!r}.",
+        )
     _check_arrays(arrays)
     return fmt
 
@@ -82,13 +99,20 @@ def _npz_headers(path: Path, max_unpacked: int) -> dict[str, tuple[str, tuple[in
         with zipfile.ZipFile(path) as zf:
             members = zf.infolist()
             if len(members) > MAX_NPZ_MEMBERS:
-                raise _bad("data", f"The .npz file has {len(members)} entries; it should hold only `inputs`, `labels` "
-                                   "and `groups`.")
+                raise _bad(
+                    "data",
+                    f"The .npz file has {len(members)} entries; it should hold only `inputs`, `labels` and `groups`.",
+                )
             unpacked = sum(m.file_size for m in members)
             if unpacked > max_unpacked:
-                raise Problem(413, "too-large", "Data too large",
-                              f"The .npz file unpacks to {unpacked} bytes, over this service's limit of {max_unpacked}; "
-                              "send a smaller evaluation set.", field="data")
+                raise Problem(
+                    413,
+                    "too-large",
+                    "Data too large",
+                    f"The .npz file unpacks to {unpacked} bytes, over this service's limit of {max_unpacked}; "
+                    "send a smaller evaluation set.",
+                    field="data",
+                )
             arrays = {}
             for info in members:
                 name = info.filename.removesuffix(".npy")
@@ -96,8 +120,10 @@ def _npz_headers(path: Path, max_unpacked: int) -> dict[str, tuple[str, tuple[in
                     continue
                 with zf.open(info) as member:
                     version = np.lib.format.read_magic(member)
-                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    read_header = {
+                        (1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0,
+                    }.get(version)
                     if read_header is None:
                         raise ValueError(f"unsupported .npy format version {version}")
                     shape, _, dtype = read_header(member)  # the header only, not the data
@@ -121,14 +147,19 @@ def _safetensors_headers(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             header = json.loads(f.read(length))
         return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k in ("inputs", "labels", "groups")}
     except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise _bad("data", f"The .safetensors file cannot be read ({exc}); write it with safetensors' save_file.") from exc
+        raise _bad(
+            "data", f"The .safetensors file cannot be read ({exc}); write it with safetensors' save_file."
+        ) from exc
 
 
 def _check_arrays(arrays: dict[str, tuple[str, tuple[int, ...]]]) -> None:
     for needed in ("inputs", "labels"):
         if needed not in arrays:
-            raise _bad("data", f"The data file has no `{needed}` array; it needs `inputs` (float, examples first), "
-                               "`labels` (int64) and, for group metrics, `groups` (int64).")
+            raise _bad(
+                "data",
+                f"The data file has no `{needed}` array; it needs `inputs` (float, examples first), "
+                "`labels` (int64) and, for group metrics, `groups` (int64).",
+            )
     in_dtype, in_shape = arrays["inputs"]
     if in_dtype not in FLOAT_DTYPES:
         raise _bad("data", f"`inputs` has dtype {in_dtype}; it must be floating point (float32).")

@@ -16,8 +16,9 @@ DEFAULT_TENANT = "default"
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer nsk_…`")
 
 
-def _tenant(request: Request, session: SessionDep,
-            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+def _tenant(
+    request: Request, session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> str:
     """The caller's tenant, from its API key; every job is scoped by it.
 
     Without ``NEURONSHAP_REQUIRE_API_KEYS`` (the embedded default) there is

@@ -40,8 +40,9 @@ def create_key(session: Session, tenant: str, name: str | None = None) -> tuple[
 
 def revoke_key(session: Session, key_id: str) -> bool:
     """Revoke a key by its id (the part after ``nsk_``); False if there is no such active key."""
-    done = session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
-                           .values(revoked_at=datetime.now(UTC))).rowcount
+    done = session.execute(
+        update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=datetime.now(UTC))
+    ).rowcount
     session.commit()
     return bool(done)
 
@@ -54,7 +55,12 @@ def authenticate(session: Session, token: str | None) -> str:
     expected = key.secret_hash if key is not None else _hash("no such key")
     given = _hash(match.group(2)) if match else ""
     if not hmac.compare_digest(expected, given) or key is None or key.revoked_at is not None:
-        raise Problem(401, "unauthorized", "Unauthorized",
-                      "Send a valid API key as `Authorization: Bearer nsk_…`; the operator creates one with "
-                      "`neuronshap keys create --tenant NAME`.", headers={"WWW-Authenticate": "Bearer"})
+        raise Problem(
+            401,
+            "unauthorized",
+            "Unauthorized",
+            "Send a valid API key as `Authorization: Bearer nsk_…`; the operator creates one with "
+            "`neuronshap keys create --tenant NAME`.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return key.tenant

@@ -16,16 +16,26 @@ from app.jobs.models import Job
 from app.jobs.states import JobState
 
 REGISTRY = CollectorRegistry()
-REQUESTS = Counter("neuronshap_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=REGISTRY)
-LATENCY = Histogram("neuronshap_http_request_seconds", "Time to answer an HTTP request", ["method", "route"],
-                    registry=REGISTRY, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+REQUESTS = Counter(
+    "neuronshap_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=REGISTRY
+)
+LATENCY = Histogram(
+    "neuronshap_http_request_seconds",
+    "Time to answer an HTTP request",
+    ["method", "route"],
+    registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)
 JOBS = Gauge("neuronshap_jobs", "Jobs by state, all tenants", ["state"], registry=REGISTRY)
 
 
 def readiness(session: Session, queue: Queue, bus: Bus) -> dict[str, str]:
     checks: dict[str, str] = {}
-    for name, check in (("database", lambda: session.execute(text("SELECT 1"))), ("broker", queue.ping),
-                        ("redis", bus.ping)):
+    for name, check in (
+        ("database", lambda: session.execute(text("SELECT 1"))),
+        ("broker", queue.ping),
+        ("redis", bus.ping),
+    ):
         try:
             check()
             checks[name] = "ok"

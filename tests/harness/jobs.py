@@ -11,15 +11,25 @@ from tests.harness.models import Saved
 
 QUICK = {"metric": {"name": "accuracy"}, "estimator": {"top_k": 3, "max_iterations": 40, "seed": 1, "batch_size": 64}}
 # Never converges (mode all, a half-width no run reaches): runs until cancelled or its 300 s budget.
-LONG = {"metric": {"name": "accuracy"}, "estimator": {"mode": "all", "half_width": 1e-6, "truncation": 0,
-                                                      "max_seconds": 300, "batch_size": 32}}
+LONG = {
+    "metric": {"name": "accuracy"},
+    "estimator": {"mode": "all", "half_width": 1e-6, "truncation": 0, "max_seconds": 300, "batch_size": 32},
+}
 
 File = tuple[str, bytes]
 
 
-def post_job(client, saved: Saved | None = None, spec: dict | str = QUICK, *, model: File | None = None,
-             data: File | None = None, without: Collection[str] = (), key: str | None = None,
-             headers: dict[str, str] | None = None) -> httpx.Response:
+def post_job(
+    client,
+    saved: Saved | None = None,
+    spec: dict | str = QUICK,
+    *,
+    model: File | None = None,
+    data: File | None = None,
+    without: Collection[str] = (),
+    key: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
     """``POST /v1/jobs`` with ``client`` (a ``TestClient`` or an ``httpx.Client``): ``saved``'s ONNX model and
     evaluation set unless ``model`` / ``data`` replace them, the parts named in ``without`` left out, ``spec`` as
     JSON (a string is sent as it is), ``key`` as a bearer token."""
@@ -31,8 +41,9 @@ def post_job(client, saved: Saved | None = None, spec: dict | str = QUICK, *, mo
     headers = dict(headers or {})
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    return client.post("/v1/jobs", files=files, data={"spec": spec if isinstance(spec, str) else json.dumps(spec)},
-                       headers=headers)
+    return client.post(
+        "/v1/jobs", files=files, data={"spec": spec if isinstance(spec, str) else json.dumps(spec)}, headers=headers
+    )
 
 
 def submit(client, saved: Saved | None = None, spec: dict | str = QUICK, *, expect: int = 202, **parts) -> dict:

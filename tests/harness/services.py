@@ -60,8 +60,9 @@ class Namespace:
     def drop(self, url: str = REDIS_URL) -> int:
         """Delete the namespace's keys (the bus's, the queue's list, kombu's bindings of it) and its messages
         left unacknowledged (a worker killed or stopped holding one); returns how many."""
-        return _delete(url, self.queue, f"{self.prefix}*", self.queue,
-                       *(binding % self.queue for binding in KOMBU_BINDINGS))
+        return _delete(
+            url, self.queue, f"{self.prefix}*", self.queue, *(binding % self.queue for binding in KOMBU_BINDINGS)
+        )
 
 
 def namespace(run: str = RUN_ID) -> Namespace:

@@ -67,9 +67,15 @@ def full(tmp: Path, *, worker: bool = True, **overrides) -> Iterator[Stack]:
     ns = namespace()
     try:
         with postgres_schema() as database_url:
-            settings = Settings(data_dir=tmp, database_url=database_url, broker_url=REDIS_URL, redis_url=REDIS_URL,
-                                blob_dir=tmp / "blobs", migrate_on_start=False,
-                                **(FAST | ns.settings() | overrides))
+            settings = Settings(
+                data_dir=tmp,
+                database_url=database_url,
+                broker_url=REDIS_URL,
+                redis_url=REDIS_URL,
+                blob_dir=tmp / "blobs",
+                migrate_on_start=False,
+                **(FAST | ns.settings() | overrides),
+            )
             migrate(database_url)
             log = tmp / "worker.log"
             with worker_process(settings, log) if worker else contextlib.nullcontext():
@@ -92,8 +98,9 @@ def worker_process(settings: Settings, log: Path) -> Iterator[subprocess.Popen]:
     """``neuronshap worker`` in its own process; returns once Celery says it is ready."""
     env = os.environ | settings_env(settings) | {"PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "neuronshap", "worker"], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "neuronshap", "worker"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 90
         while b" ready." not in log.read_bytes():
@@ -117,9 +124,13 @@ def api_process(env: dict[str, str], log: Path) -> Iterator[tuple[str, subproces
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "neuronshap", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=os.environ | {"PYTHONUNBUFFERED": "1"} | env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "neuronshap", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=os.environ | {"PYTHONUNBUFFERED": "1"} | env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -19,7 +19,24 @@ from .report import ranked_neurons, run_summary
 from .tmab import MODES, Estimate, Progress, TMABConfig, run_tmab
 
 __all__ = [
-    "ABLATIONS", "METRICS", "MODES", "DataError", "Estimate", "EvalData", "MetricSpec", "ModelError",
-    "NeuronGame", "Progress", "SpecError", "TMABConfig", "UserInputError", "exact_shapley", "load_data",
-    "load_model", "ranked_neurons", "run_summary", "run_tmab", "ablation_curve",
+    "ABLATIONS",
+    "METRICS",
+    "MODES",
+    "DataError",
+    "Estimate",
+    "EvalData",
+    "MetricSpec",
+    "ModelError",
+    "NeuronGame",
+    "Progress",
+    "SpecError",
+    "TMABConfig",
+    "UserInputError",
+    "exact_shapley",
+    "load_data",
+    "load_model",
+    "ranked_neurons",
+    "run_summary",
+    "run_tmab",
+    "ablation_curve",
 ]

@@ -30,9 +30,7 @@ class EvalData:
         return int(self.labels.shape[0])
 
     def subset(self, keep: torch.Tensor) -> "EvalData":
-        return EvalData(
-            self.inputs[keep], self.labels[keep], None if self.groups is None else self.groups[keep]
-        )
+        return EvalData(self.inputs[keep], self.labels[keep], None if self.groups is None else self.groups[keep])
 
 
 def load_data(path: str | os.PathLike) -> EvalData:

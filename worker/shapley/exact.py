@@ -29,8 +29,9 @@ def exact_shapley(value: Callable[[torch.Tensor], torch.Tensor], n: int, chunk: 
     coalitions = all_coalitions(n)
     v = torch.cat([value(coalitions[s : s + chunk]).to(torch.float64) for s in range(0, len(coalitions), chunk)])
     size = coalitions.sum(1)
-    weight = torch.tensor([math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n) for k in range(n)],
-                          dtype=torch.float64)
+    weight = torch.tensor(
+        [math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n) for k in range(n)], dtype=torch.float64
+    )
     phi = torch.empty(n, dtype=torch.float64)
     codes = torch.arange(1 << n)
     for i in range(n):

@@ -134,7 +134,9 @@ class NeuronGame:
             if self._whole is None:
                 self._whole = self._prepare(torch.arange(n).unsqueeze(0))
             rows = self._whole.lane_rows.expand(lanes, b)
-            return Sample(self._whole.frontier, rows, self._labels[rows], None if self._groups is None else self._groups[rows])
+            return Sample(
+                self._whole.frontier, rows, self._labels[rows], None if self._groups is None else self._groups[rows]
+            )
         picks = torch.stack([self._draw(generator) for _ in range(lanes)])
         return self._prepare(picks)
 
@@ -171,8 +173,12 @@ class NeuronGame:
         flat = picks.reshape(-1).to(self.device)
         frontier = self.model.prefix(self._inputs[flat])
         rows = torch.arange(lanes * b, device=self.device).reshape(lanes, b)
-        return Sample(frontier, rows, self._labels[flat].reshape(lanes, b),
-                      None if self._groups is None else self._groups[flat].reshape(lanes, b))
+        return Sample(
+            frontier,
+            rows,
+            self._labels[flat].reshape(lanes, b),
+            None if self._groups is None else self._groups[flat].reshape(lanes, b),
+        )
 
     def _draw(self, generator: torch.Generator) -> torch.Tensor:
         """One batch; with strata (group metrics) every group gets its share, at least one example."""
@@ -200,7 +206,9 @@ class NeuronGame:
                 for layer in self.layers:
                     a = acts[layer.name]
                     channel = layer.channel_dim % a.ndim
-                    sums[layer.name] = sums.get(layer.name, 0) + a.double().sum([d for d in range(a.ndim) if d != channel])
+                    sums[layer.name] = sums.get(layer.name, 0) + a.double().sum(
+                        [d for d in range(a.ndim) if d != channel]
+                    )
                     counts[layer.name] = counts.get(layer.name, 0) + a.numel() // a.shape[channel]
         return {name: (total / counts[name]).float() for name, total in sums.items()}
 
@@ -218,7 +226,9 @@ def _single_output(model: torch.fx.GraphModule, example: torch.Tensor) -> torch.
             "(logits, log-probabilities or probabilities) with at least two classes."
         )
     if not torch.isfinite(out).all():
-        raise ModelError("The model outputs NaN or infinite scores on the evaluation data; check the model and the inputs' scaling.")
+        raise ModelError(
+            "The model outputs NaN or infinite scores on the evaluation data; check the model and the inputs' scaling."
+        )
     return out
 
 

@@ -106,10 +106,31 @@ class _Deferred:
 # otherwise (a mean over neurons, say) fails the check in :func:`grouped_suffix` and is evaluated undeferred.
 _RESHAPES = {"reshape", "view", "flatten", "contiguous", "clone"}
 _PER_NEURON = _RESHAPES | {
-    "relu", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "mean", "amax", "global_pool",
-    "pad_spatial", "dropout", "leaky_relu", "relu6", "elu", "gelu", "silu", "sigmoid", "tanh", "hardtanh",
-    "hardswish", "softplus",
+    "relu",
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "mean",
+    "amax",
+    "global_pool",
+    "pad_spatial",
+    "dropout",
+    "leaky_relu",
+    "relu6",
+    "elu",
+    "gelu",
+    "silu",
+    "sigmoid",
+    "tanh",
+    "hardtanh",
+    "hardswish",
+    "softplus",
 }
 _SHAPE_READS = {"shape", "size"}  # read off the unsplit rows, which the reshape that uses them will see
 
@@ -142,8 +163,9 @@ class GroupedSuffix(torch.fx.Interpreter):
         self.always_split_linear = False  # the load-time check takes every path it can
 
     @torch.inference_mode()
-    def evaluate(self, frontier: tuple[torch.Tensor, ...], lane_rows: torch.Tensor, lanes: torch.Tensor,
-                 masks: torch.Tensor) -> torch.Tensor:
+    def evaluate(
+        self, frontier: tuple[torch.Tensor, ...], lane_rows: torch.Tensor, lanes: torch.Tensor, masks: torch.Tensor
+    ) -> torch.Tensor:
         """Outputs ``[M·B, …]`` for coalitions ``masks`` (``[M, n]``), coalition ``m`` on batch ``lanes[m]``."""
         self.b = lane_rows.shape[1]
         self.masks = masks
@@ -156,8 +178,7 @@ class GroupedSuffix(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node):
         if n.op == "call_function" and n.target is torch.index_select:  # the frontier repeated per lane
-            return _Grouped(torch.index_select(self.env[n.args[0]], 0, self.lane_rows), self.lane_key,
-                            self.lane_groups)
+            return _Grouped(torch.index_select(self.env[n.args[0]], 0, self.lane_rows), self.lane_key, self.lane_groups)
         if n.op == "call_module" and isinstance(gate := self.module.get_submodule(n.target), Gate):
             x = self._settle(self.env[n.args[0]])
             deferred = _Deferred(x, _aux(gate, x.t), gate)
@@ -192,8 +213,9 @@ class GroupedSuffix(torch.fx.Interpreter):
                 return fn(args[0].x.t, *args[1:], **kwargs)
             if name == "linear" and (out := self._linear(*args, **kwargs)) is not None:
                 return out
-        args = [self._settle(a) if not isinstance(a, (list, tuple)) else type(a)(self._settle(x) for x in a)
-                for a in args]
+        args = [
+            self._settle(a) if not isinstance(a, (list, tuple)) else type(a)(self._settle(x) for x in a) for a in args
+        ]
         kwargs = {k: self._settle(v) for k, v in kwargs.items()}
         grouped = [a for a in (*args, *kwargs.values()) if isinstance(a, _Grouped)]
         grouped += [x for a in args if isinstance(a, (list, tuple)) for x in a if isinstance(x, _Grouped)]
@@ -243,8 +265,13 @@ class GroupedSuffix(torch.fx.Interpreter):
         matrix product of its masks with those contributions. ``None`` where that does not pay (or the
         layer's input is not laid out neuron by neuron): the caller applies the gate and runs the layer."""
         x, fill, neuron, n = d.x.t, d.aux[0], d.aux[1], d.gate.size
-        if x.ndim != 2 or x.shape[1] % n or not torch.equal(
-                neuron, torch.arange(n, device=x.device, dtype=x.dtype).repeat_interleave(x.shape[1] // n)):
+        if (
+            x.ndim != 2
+            or x.shape[1] % n
+            or not torch.equal(
+                neuron, torch.arange(n, device=x.device, dtype=x.dtype).repeat_interleave(x.shape[1] // n)
+            )
+        ):
             return None
         m = self.masks[:, d.gate.offset : d.gate.offset + n]
         key, reps = _split(d.x.key, m)

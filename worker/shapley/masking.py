@@ -199,9 +199,7 @@ def build_masked_model(
 def _sites(gm: torch.fx.GraphModule, layers: list[Layer]) -> dict[torch.fx.Node, Layer]:
     by_name = {layer.name: layer for layer in layers}
     return {
-        gate_site(node): by_name[node.meta["layer"]]
-        for node in gm.graph.nodes
-        if node.meta.get("layer") in by_name
+        gate_site(node): by_name[node.meta["layer"]] for node in gm.graph.nodes if node.meta.get("layer") in by_name
     }
 
 
@@ -293,8 +291,7 @@ def _batched_nodes(gm: torch.fx.GraphModule, example: torch.Tensor) -> set[torch
         node
         for node in gm.graph.nodes
         if all(
-            (shape := rec.shapes.get(node)) is not None and len(shape) > 0 and shape[0] == size
-            for size, rec in probes
+            (shape := rec.shapes.get(node)) is not None and len(shape) > 0 and shape[0] == size for size, rec in probes
         )
     }
 

@@ -33,8 +33,12 @@ class MetricSpec:
     groups: tuple[int, int] | None = None
 
     def describe(self) -> dict:
-        return {"name": self.name, "class": self.class_, "group": self.group,
-                "groups": None if self.groups is None else list(self.groups)}
+        return {
+            "name": self.name,
+            "class": self.class_,
+            "group": self.group,
+            "groups": None if self.groups is None else list(self.groups),
+        }
 
 
 class Metric:
@@ -103,7 +107,9 @@ class Metric:
             if not bool((data.labels == s.class_).any()):
                 raise SpecError(f"The data has no example of class {s.class_}, so its recall is undefined; add some.")
         if s.name in ("group_accuracy", "worst_group_accuracy", "group_gap") and data.groups is None:
-            raise SpecError(f"Metric {s.name} needs a `groups` array in the data file (one int64 group id per example).")
+            raise SpecError(
+                f"Metric {s.name} needs a `groups` array in the data file (one int64 group id per example)."
+            )
         present = set() if data.groups is None else {int(g) for g in torch.unique(data.groups)}
         if s.name == "group_accuracy":
             if s.group is None:

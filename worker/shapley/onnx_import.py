@@ -134,9 +134,7 @@ def _validate(model: onnx.ModelProto, label: str) -> None:
         )
 
     custom = sorted({f"{n.domain}::{n.op_type}" for n in graph.node if n.domain not in _DEFAULT_DOMAINS})
-    missing = sorted(
-        {n.op_type for n in graph.node if n.domain in _DEFAULT_DOMAINS and n.op_type not in _OPS}
-    )
+    missing = sorted({n.op_type for n in graph.node if n.domain in _DEFAULT_DOMAINS and n.op_type not in _OPS})
     if custom or missing:
         parts = []
         if custom:
@@ -422,9 +420,7 @@ def _gather(data: torch.Tensor, indices: torch.Tensor, axis: int) -> torch.Tenso
     return picked.reshape(data.shape[:axis] + indices.shape + data.shape[axis + 1 :])
 
 
-def _slice(
-    x: torch.Tensor, starts: list[int], ends: list[int], axes: list[int], steps: list[int]
-) -> torch.Tensor:
+def _slice(x: torch.Tensor, starts: list[int], ends: list[int], axes: list[int], steps: list[int]) -> torch.Tensor:
     index = [slice(None)] * x.dim()
     for start, end, axis, step in zip(starts, ends, axes, steps):
         index[axis] = slice(start, end, step)
@@ -437,9 +433,7 @@ def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.div(a, b, rounding_mode="trunc")  # ONNX integer Div truncates
 
 
-def _gemm(
-    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, alpha: float, beta: float
-) -> torch.Tensor:
+def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, alpha: float, beta: float) -> torch.Tensor:
     y = alpha * (a @ b)
     return y if c is None else y + beta * c
 
@@ -545,9 +539,7 @@ def _conv(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
     elif weight is not None:
         kernel = list(weight.shape[2:])
     else:
-        raise ModelError(
-            f"{_describe(node)} has neither kernel_shape nor a constant weight; {_REEXPORT_HINT}."
-        )
+        raise ModelError(f"{_describe(node)} has neither kernel_shape nor a constant weight; {_REEXPORT_HINT}.")
     rank = len(kernel)
     strides, dilations = a.get("strides", [1] * rank), a.get("dilations", [1] * rank)
     x = b.value(node.input[0])
@@ -583,9 +575,7 @@ def _pool(kind: str) -> _Emitter:
                 x = b.call(_pad_spatial, x, spec, float("-inf"))
             return b.call(_MAX_POOL[rank], x, kernel, strides, padding, dilations, ceil_mode)
         if any(d != 1 for d in dilations):
-            raise ModelError(
-                f"{_describe(node)} uses dilations, which torch's avg_pool lacks; {_REEXPORT_HINT}."
-            )
+            raise ModelError(f"{_describe(node)} uses dilations, which torch's avg_pool lacks; {_REEXPORT_HINT}.")
         include_pad = bool(a.get("count_include_pad", 0))
         if spec is None:
             return b.call(_AVG_POOL[rank], x, kernel, strides, padding, ceil_mode, include_pad)
@@ -751,9 +741,7 @@ def _slice_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
     axes = b.const_ints(node, 3, "axes") or list(range(len(starts)))
     steps = b.const_ints(node, 4, "steps") or [1] * len(starts)
     if any(s <= 0 for s in steps):
-        raise ModelError(
-            f"{_describe(node)} uses a non-positive step, which is not supported; {_REEXPORT_HINT}."
-        )
+        raise ModelError(f"{_describe(node)} uses a non-positive step, which is not supported; {_REEXPORT_HINT}.")
     return b.call(_slice, b.value(node.input[0]), starts, ends, axes, steps)
 
 
@@ -766,9 +754,7 @@ def _constant(b: _Builder, node: onnx.NodeProto) -> None:
     elif "value_floats" in a or "value_ints" in a:
         tensor = torch.tensor(a.get("value_floats", a.get("value_ints")))
     else:
-        raise ModelError(
-            f"{_describe(node)} holds a {', '.join(a)} value, which is not supported; {_REEXPORT_HINT}."
-        )
+        raise ModelError(f"{_describe(node)} holds a {', '.join(a)} value, which is not supported; {_REEXPORT_HINT}.")
     b.consts[node.output[0]] = tensor
 
 
@@ -832,12 +818,8 @@ _OPS: dict[str, _Emitter] = {
     "Dropout": _identity,
     "Identity": _identity,
     "Constant": _constant,
-    "Shape": lambda b, n: b.call(
-        _shape, b.value(n.input[0]), _attrs(n).get("start", 0), _attrs(n).get("end")
-    ),
-    "Gather": lambda b, n: b.call(
-        _gather, b.value(n.input[0]), b.value(n.input[1]), _attrs(n).get("axis", 0)
-    ),
+    "Shape": lambda b, n: b.call(_shape, b.value(n.input[0]), _attrs(n).get("start", 0), _attrs(n).get("end")),
+    "Gather": lambda b, n: b.call(_gather, b.value(n.input[0]), b.value(n.input[1]), _attrs(n).get("axis", 0)),
     "Cast": lambda b, n: b.graph.call_method("to", (b.value(n.input[0]), _cast_dtype(n))),
     "Clip": _clip,
     "ReduceMean": _reduce(torch.mean),

@@ -73,8 +73,14 @@ class PlayerStats:
         return var.clamp_min(0.0)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"count": self.count, "total": self.total, "total_sq": self.total_sq, "low": self.low, "high": self.high,
-                "informative": self.informative}
+        return {
+            "count": self.count,
+            "total": self.total,
+            "total_sq": self.total_sq,
+            "low": self.low,
+            "high": self.high,
+            "informative": self.informative,
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> "PlayerStats":

@@ -93,7 +93,9 @@ class TMABConfig:
         if self.mode not in MODES:
             problems.append(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.mode in ("top", "bottom") and not 1 <= self.top_k < n_players:
-            problems.append(f"top_k must be between 1 and {n_players - 1} (the game has {n_players} players), not {self.top_k}")
+            problems.append(
+                f"top_k must be between 1 and {n_players - 1} (the game has {n_players} players), not {self.top_k}"
+            )
         if not 0.0 < self.delta < 1.0:
             problems.append(f"delta must be in (0, 1), not {self.delta}")
         if self.epsilon < 0.0:
@@ -185,10 +187,21 @@ class _State:
                 raise ValueError(f"version {raw.get('version')}")
             iterations, evaluations, rows = raw["counters"]
             elapsed, v_full_sum, v_empty_sum = raw["sums"]
-            return cls(TMABConfig(**raw["config"]), PlayerStats.from_state(raw["stats"]), raw["rng"],
-                       iterations, evaluations, rows, elapsed, v_full_sum, v_empty_sum)
+            return cls(
+                TMABConfig(**raw["config"]),
+                PlayerStats.from_state(raw["stats"]),
+                raw["rng"],
+                iterations,
+                evaluations,
+                rows,
+                elapsed,
+                v_full_sum,
+                v_empty_sum,
+            )
         except Exception as exc:
-            raise SpecError(f"The checkpoint cannot be read ({type(exc).__name__}: {exc}); start the run afresh.") from exc
+            raise SpecError(
+                f"The checkpoint cannot be read ({type(exc).__name__}: {exc}); start the run afresh."
+            ) from exc
 
 
 def run_tmab(
@@ -213,10 +226,16 @@ def run_tmab(
     config = config or TMABConfig()
     if resume_from is not None:
         state = _State.from_bytes(resume_from)
-        state.config = replace(state.config, max_iterations=config.max_iterations,
-                               max_evaluations=config.max_evaluations, max_seconds=config.max_seconds)
+        state.config = replace(
+            state.config,
+            max_iterations=config.max_iterations,
+            max_evaluations=config.max_evaluations,
+            max_seconds=config.max_seconds,
+        )
         if state.stats.count.numel() != game.n_players:
-            raise SpecError(f"The checkpoint is for {state.stats.count.numel()} players, the game has {game.n_players}.")
+            raise SpecError(
+                f"The checkpoint is for {state.stats.count.numel()} players, the game has {game.n_players}."
+            )
     else:
         config.validate(game.n_players)
         generator = torch.Generator().manual_seed(config.seed)
@@ -349,11 +368,20 @@ class _Runner:
                     status[i] = cfg.mode if i in chosen else "out"
         its = st.iterations
         return Estimate(
-            values=mean, lower=lower, upper=upper, samples=st.stats.count.clone(),
-            informative=st.stats.informative.clone(), status=status,
-            iterations=its, evaluations=st.evaluations, rows=st.rows, elapsed_s=st.elapsed_s,
-            v_full=st.v_full_sum / its if its else None, v_empty=st.v_empty_sum / its if its else None,
-            stop_reason=reason, config=cfg,
+            values=mean,
+            lower=lower,
+            upper=upper,
+            samples=st.stats.count.clone(),
+            informative=st.stats.informative.clone(),
+            status=status,
+            iterations=its,
+            evaluations=st.evaluations,
+            rows=st.rows,
+            elapsed_s=st.elapsed_s,
+            v_full=st.v_full_sum / its if its else None,
+            v_empty=st.v_empty_sum / its if its else None,
+            stop_reason=reason,
+            config=cfg,
         )
 
 
