@@ -61,11 +61,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from neuronshap.client import Client
 from app.core.config import Settings
 from app.core.db import migrate
 from bench.bench_estimator import machine_lines, out, section, table
 from examples.digits import DigitsCNN, export_onnx, load_digits_split, save_eval_npz, train
+from neuronshap.client import Client
 from tests.harness.services import REDIS_URL, namespace, postgres_schema
 from tests.harness.stacks import api_process, settings_env, worker_process
 

@@ -180,10 +180,10 @@ def out(line: str = "") -> None:
 def table(headers: list[str], rows: list[list[object]]) -> None:
     cells = [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    out("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    out("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     out("  ".join("-" * w for w in widths))
     for r in cells:
-        out("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        out("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     out()
 
 
@@ -240,7 +240,8 @@ def machine_lines() -> list[str]:
         captum_version = "not installed"
     return [
         f"CPU: {cpu}; {os.cpu_count()} logical CPUs; torch threads: {torch.get_num_threads()}",
-        f"torch {torch.__version__}; captum {captum_version}; Python {platform.python_version()}; {platform.platform()}",
+        f"torch {torch.__version__}; captum {captum_version}; "
+        f"Python {platform.python_version()}; {platform.platform()}",
         f"load average at start: {_load()}",
     ]
 
@@ -744,18 +745,20 @@ def time_to_correct(model: Model, scale: Scale, ref: Reference) -> dict:
                 per_perm_s * ts.iterations / ts.seconds >= target and per_perm_rows * ts.iterations / ts.rows >= target
             )
             verdict = (
-                f"not demonstrated directly: plain did not get there within its {scale.plain_seconds[model.kind]:.0f} s cap, so the "
+                "not demonstrated directly: plain did not get there within its "
+                f"{scale.plain_seconds[model.kind]:.0f} s cap, so the "
                 f"measured ratios are only lower bounds ({time_ratio:.1f}x time, {rows_ratio:.1f}x rows); the "
                 f"permutation-matched estimate {'meets' if est_met else 'does not meet'} it"
             )
     else:
         verdict = "not measurable: TMAB did not reach a stable-correct top-10 in its cap"
     table(["ratio", "wall time", "forward rows"], lines)
+    cap_per_perm_s = cap.seconds / max(1, cap.permutations)
     out(
         f"plain: {per_perm_s:.2f} s and {per_perm_rows:,.0f} rows per permutation; "
-        f"Captum: {cap.seconds / max(1, cap.permutations):.2f} s per permutation "
-        f"({'slower' if cap.seconds / max(1, cap.permutations) > per_perm_s else 'faster'} than our plain run by "
-        f"{max(cap.seconds / max(1, cap.permutations), per_perm_s) / max(1e-9, min(cap.seconds / max(1, cap.permutations), per_perm_s)):.1f}x)"
+        f"Captum: {cap_per_perm_s:.2f} s per permutation "
+        f"({'slower' if cap_per_perm_s > per_perm_s else 'faster'} than our plain run by "
+        f"{max(cap_per_perm_s, per_perm_s) / max(1e-9, min(cap_per_perm_s, per_perm_s)):.1f}x)"
     )
     out(f"target >= {target:.0f}x (wall time and rows at the stable-correct point): {verdict}")
     return {"plain": plain, "tmab": runs[0], "captum": cap}  # the sweep's defaults row is seed SEED_TMAB
@@ -841,9 +844,8 @@ def throughput(model: Model, iterations: int, scale: Scale) -> dict:
     table(["ratio of evaluations per second", "x"], [[a, f"{b:.2f}x"] for a, b in ratios])
     out(f"grouped and not grouped give the same values: {'yes' if same else 'NO'}")
     best = ratios[0][1]
-    out(
-        f"target >= 3x (batched vs one coalition per pass, same game): {'met' if best >= 3 else 'NOT met'} ({best:.2f}x)"
-    )
+    verdict = "met" if best >= 3 else "NOT met"
+    out(f"target >= 3x (batched vs one coalition per pass, same game): {verdict} ({best:.2f}x)")
     return {label: results[label] for label in ("batched, grouped (defaults)", "batched, not grouped", "one per pass")}
 
 
@@ -923,7 +925,7 @@ def sweep(model: Model, ref: torch.Tensor, scale: Scale, defaults_run: RunResult
     ]
     variants += [(f"truncation={t}", {"truncation": t}, batch) for t in (0.0, 0.05, 0.1, 0.2) if t != base.truncation]
     variants += [(f"batch_size={b or 'all'}", {}, b) for b in (64, 128, None) if b != batch]
-    variants += [(f"lanes={l}", {"lanes": l}, batch) for l in (1, 4, 8) if l != base.lanes]
+    variants += [(f"lanes={n}", {"lanes": n}, batch) for n in (1, 4, 8) if n != base.lanes]
 
     def both(values: list[object]) -> str:
         return " / ".join(_fmt(v) for v in values)

@@ -68,13 +68,13 @@ from pathlib import Path
 import httpx
 from sqlalchemy import func, select
 
-from neuronshap.client import Client, ServiceError
 from app.core.config import Settings
 from app.core.db import migrate, session_factory
 from app.jobs.models import Job, JobAblation, JobCheckpoint, JobNeuron
 from app.keys.service import create_key
 from bench.bench_estimator import machine_lines, out, section, table
 from examples.digits import export_onnx, load_digits_split, save_eval_npz, train
+from neuronshap.client import Client, ServiceError
 from tests.harness.models import TinyCNN, seeded
 from tests.harness.services import REDIS_URL, namespace, postgres_schema
 from tests.harness.stacks import api_process, settings_env, worker_process

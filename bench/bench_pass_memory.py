@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"\n{model.label}: TMABConfig(mode='top', top_k=10, seed=2), {iterations[kind]} permutations, batch 128"
             )
             print(
-                f"{'memory_bytes':>14}{'coalitions/pass':>17}{'time (s)':>10}{'rows/s':>10}{'evaluations':>13}  same estimate"
+                f"{'memory_bytes':>14}{'coalitions/pass':>17}{'time (s)':>10}{'rows/s':>10}{'evaluations':>13}"
+                "  same estimate"
             )
             first = None
             for budget in BUDGETS:

@@ -67,10 +67,10 @@ from app.core.blobs import BlobStore
 from app.core.bus import RedisBus
 from app.core.config import Settings
 from app.core.db import get_engine, migrate, session_factory
-from app.keys.deps import DEFAULT_TENANT
 from app.jobs.models import Job, JobCheckpoint
 from app.jobs.schemas import Progress
 from app.jobs.spec import JobSpec
+from app.keys.deps import DEFAULT_TENANT
 from bench.bench_estimator import machine_lines, out, section, table
 from examples.digits import DigitsCNN, WideDigitsCNN, export_onnx, load_digits_split, save_eval_npz, train
 from tests.harness.services import REDIS_URL, namespace, postgres_schema
@@ -384,7 +384,8 @@ def cross_check(bench: Bench, models: list[Model], data_blob: str, scale: Scale,
             wall_spread = max(r.wall_s for r in runs[OFF]) - min(r.wall_s for r in runs[OFF])
             cpu_spread = max(r.cpu_s for r in runs[OFF]) - min(r.cpu_s for r in runs[OFF])
             noise = (
-                f"the runs with publication off differ by {wall_spread:.2f} s wall ({percent(wall_spread, off_wall):.1f}%) "
+                f"the runs with publication off differ by {wall_spread:.2f} s wall "
+                f"({percent(wall_spread, off_wall):.1f}%) "
                 f"and {cpu_spread:.2f} s CPU ({percent(cpu_spread, off_cpu):.1f}%) from each other: "
                 "differences below that are noise"
             )

@@ -50,8 +50,8 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402 (after PORTABLE_ENV, on purpose)
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 __all__ = [
     "DigitsCNN",

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from examples.digits import DigitsCNN
+from tests.harness.models import write_npz
 from worker.shapley import (
     DataError,
     MetricSpec,
@@ -18,10 +19,11 @@ from worker.shapley import (
     load_model,
     run_tmab,
 )
-from tests.harness.models import write_npz
+
+ACCURACY = MetricSpec("accuracy")
 
 
-def game(saved, npz=None, metric=MetricSpec("accuracy"), **kwargs) -> NeuronGame:
+def game(saved, npz=None, metric=ACCURACY, **kwargs) -> NeuronGame:
     return NeuronGame(load_model(saved.pt2), load_data(npz or saved.npz), metric, **kwargs)
 
 
@@ -47,7 +49,7 @@ def test_glob_matching_no_layer_lists_the_layers(tiny_cnn):
 
 def test_layer_globs_choose_players(tiny_cnn):
     g = game(tiny_cnn, layers=["conv*"])
-    assert [l.name for l in g.layers] == ["conv1", "conv2"]
+    assert [layer.name for layer in g.layers] == ["conv1", "conv2"]
     assert game(tiny_cnn, layers=["fc"]).n_players == 10  # the output layer, when asked for by name
 
 

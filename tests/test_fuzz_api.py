@@ -1,4 +1,4 @@
-"""A fuzz run of the OpenAPI schema (schemathesis) against a served API: no 500s, no answer the schema does not describe.
+"""A fuzz run of the OpenAPI schema (schemathesis) against a served API: no 500s, no answer outside the schema.
 
 The service runs with API keys required, so the fuzzer meets authentication
 as well as every endpoint's validation. Two checks are left out, for reasons

@@ -9,9 +9,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from app.jobs.spec import Ablation, Bound, EstimatorSpec, JobSpec, MetricName, Mode
 from app.jobs.models import JobNeuron
 from app.jobs.schemas import Neuron
+from app.jobs.spec import Ablation, Bound, EstimatorSpec, JobSpec, MetricName, Mode
 from worker.shapley import ABLATIONS, METRICS, MODES, SpecError, TMABConfig, ranked_neurons, run_tmab
 from worker.shapley.bounds import BOUNDS
 from worker.translate import tmab_config

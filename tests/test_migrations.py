@@ -7,9 +7,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
 
-from app.core.db import Base, migrate
-import app.jobs.models  # noqa: F401  (registers the tables on Base.metadata)
+# Imported for their side effect: the models register their tables on Base.metadata. (Both bind `app`;
+# ruff reports only the last binding as unused.)
+import app.jobs.models
 import app.keys.models  # noqa: F401
+from app.core.db import Base, migrate
 from tests.harness.services import postgres_schema
 
 

@@ -45,7 +45,7 @@ def test_intervals_contain_exact_values_on_a_tiny_mlp(tiny_mlp, metric, ablation
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_intervals_contain_exact_values_on_a_tiny_cnn(tiny_cnn, fmt, ablation):
     game = whole_set_game(tiny_cnn, fmt, MetricSpec("accuracy"), ablation)
-    assert [(l.name, l.size) for l in game.layers] == [("conv1", 4), ("conv2", 6)]
+    assert [(layer.name, layer.size) for layer in game.layers] == [("conv1", 4), ("conv2", 6)]
     exact = exact_shapley(game.full_values, game.n_players)
     est = run_tmab(game, TMABConfig(**UNTRUNCATED, max_iterations=240, seed=2))
     assert ((est.lower <= exact + 1e-12) & (exact - 1e-12 <= est.upper)).all()

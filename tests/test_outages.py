@@ -1,4 +1,4 @@
-"""Redis or PostgreSQL restarted in the middle of a job: the job still finishes, and clients see honest answers meanwhile.
+"""Redis or PostgreSQL restarted in the middle of a job: the job still finishes; clients see honest answers meanwhile.
 
 Each test runs a server of its own (on a free port), so that it can be stopped
 and started without touching the machine's.
@@ -17,17 +17,17 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import httpx
+import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 
-from neuronshap.client import Client
 from app.core.config import Settings
 from app.core.db import migrate
 from app.jobs.models import JobNeuron
 from app.main import create_app
+from neuronshap.client import Client
 from tests.harness import stacks
 from tests.harness.jobs import post_job
 from tests.harness.services import REDIS_URL, namespace, postgres_schema

@@ -182,7 +182,10 @@ def test_cancelling_a_job_with_partial_estimates_keeps_them_whatever_became_of_i
     handed_back, abandoned, bare = (submit(cluster.client, tiny_cnn, endless)["id"] for _ in range(3))
     for job_id in (handed_back, abandoned):
         started = time.monotonic()
-        assert run_job(job_id, settings, MemoryBus(), should_exit=lambda: time.monotonic() - started > 1) == "queued"
+        assert (
+            run_job(job_id, settings, MemoryBus(), should_exit=lambda started=started: time.monotonic() - started > 1)
+            == "queued"
+        )
     saved = {job_id: checkpoint_iterations(settings, job_id) for job_id in (handed_back, abandoned)}
     assert all(0 < n < 10**6 for n in saved.values()), saved
 

@@ -201,7 +201,9 @@ def test_bad_requests_get_problem_documents_naming_the_field(stack, tiny_cnn, tm
     onnx = (tiny_cnn.onnx.name, tiny_cnn.onnx.read_bytes())
     npz = (tiny_cnn.npz.name, tiny_cnn.npz.read_bytes())
 
-    def post(spec=json.dumps(QUICK), model=onnx, data=npz):
+    quick = json.dumps(QUICK)
+
+    def post(spec=quick, model=onnx, data=npz):
         return post_job(stack.client, spec=spec, model=model, data=data)
 
     assert "valid JSON" in problem(post(spec="{metric"), 422, "spec")["detail"]

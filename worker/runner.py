@@ -39,9 +39,9 @@ from app.core.db import UNAVAILABLE, session_factory
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Lease
 from app.jobs.models import Job, JobCheckpoint
-from app.jobs.states import JobState
 from app.jobs.schemas import Progress as ProgressView
 from app.jobs.spec import JobSpec
+from app.jobs.states import JobState
 from worker.shapley import (
     Estimate,
     NeuronGame,

@@ -49,7 +49,7 @@ class Queue(Protocol):
 
 
 @lru_cache
-def celery_app(broker_url: str, queue: str) -> "Celery":
+def celery_app(broker_url: str, queue: str) -> Celery:
     """The Celery app on ``broker_url`` whose tasks go to ``queue`` (``settings.queue_name``)."""
     from celery import Celery
 
@@ -110,7 +110,7 @@ class CeleryQueue:
 class ThreadQueue:
     """The embedded default: jobs run one at a time on a thread of the API process, through ``run_job``."""
 
-    def __init__(self, settings: Settings, bus: "Bus", run_job: RunJob) -> None:
+    def __init__(self, settings: Settings, bus: Bus, run_job: RunJob) -> None:
         self.settings, self.bus, self.run_job = settings, bus, run_job
         self._stopping = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuronshap-job")
@@ -143,7 +143,7 @@ class ThreadQueue:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def make_queue(settings: Settings, bus: "Bus", run_job: RunJob | None) -> Queue:
+def make_queue(settings: Settings, bus: Bus, run_job: RunJob | None) -> Queue:
     """Celery when a broker is configured; else the embedded thread, which needs the runner."""
     if settings.broker_url:
         return CeleryQueue(settings.broker_url, settings.queue_name)

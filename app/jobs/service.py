@@ -73,7 +73,10 @@ def parse_spec(text: str, limit: int) -> JobSpec:
             (f"spec.{field_path(tuple(e['loc']))}: " if e.get("loc") else "spec: ") + e["msg"] for e in errors
         )
         if errors[0]["type"] == "json_invalid":
-            detail = f'The spec is not valid JSON ({errors[0]["msg"]}); send a JSON object such as {{"metric": {{"name": "accuracy"}}}}.'
+            detail = (
+                f"The spec is not valid JSON ({errors[0]['msg']}); "
+                'send a JSON object such as {"metric": {"name": "accuracy"}}.'
+            )
         raise Problem(422, "invalid-spec", "Invalid spec", detail, field=where) from exc
 
 

@@ -29,7 +29,7 @@ class EvalData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, keep: torch.Tensor) -> "EvalData":
+    def subset(self, keep: torch.Tensor) -> EvalData:
         return EvalData(self.inputs[keep], self.labels[keep], None if self.groups is None else self.groups[keep])
 
 
@@ -56,8 +56,10 @@ def from_arrays(arrays: dict[str, np.ndarray], source: str = "data") -> EvalData
     missing = [k for k in ("inputs", "labels") if k not in arrays]
     if missing:
         raise DataError(
-            f"{source} has no array named {', '.join(map(repr, missing))} (it has: {', '.join(sorted(arrays)) or 'none'}); "
-            "save the examples as `inputs` (float32, examples along the first dimension) and the classes as `labels` (int64)."
+            f"{source} has no array named {', '.join(map(repr, missing))} "
+            f"(it has: {', '.join(sorted(arrays)) or 'none'}); "
+            "save the examples as `inputs` (float32, examples along the first dimension) "
+            "and the classes as `labels` (int64)."
         )
     inputs, labels = np.asarray(arrays["inputs"]), np.asarray(arrays["labels"])
     if inputs.ndim == 0 or inputs.shape[0] == 0:

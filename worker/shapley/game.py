@@ -118,7 +118,7 @@ class NeuronGame:
             "metric": self.metric.spec.describe(),
             "ablation": self.ablation,
             "removal_point": "after the BatchNorm/activation chain that only the neuron feeds",
-            "layers": [{"name": l.name, "kind": l.kind, "neurons": l.size} for l in self.layers],
+            "layers": [{"name": layer.name, "kind": layer.kind, "neurons": layer.size} for layer in self.layers],
             "examples": len(self.data),
             "batch_size": self.batch_size,
             "outputs_are_probabilities": self.metric.outputs_are_probabilities,
@@ -195,7 +195,9 @@ class NeuronGame:
             counts[int(short.argmax())] += 1
         while counts.sum() > b:
             counts[int(counts.argmax())] -= 1
-        return torch.cat([m[torch.randperm(len(m), generator=generator)[:c]] for m, c in zip(members, counts)])
+        return torch.cat(
+            [m[torch.randperm(len(m), generator=generator)[:c]] for m, c in zip(members, counts, strict=True)]
+        )
 
     def _mean_fills(self, model: torch.fx.GraphModule, data: EvalData) -> dict[str, torch.Tensor]:
         sums: dict[str, torch.Tensor] = {}

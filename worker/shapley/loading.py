@@ -47,7 +47,8 @@ def load_model(path: str | os.PathLike) -> torch.fx.GraphModule:
     else:
         raise ModelError(
             f"Model file {path.name!r} has an unknown extension {suffix!r}; "
-            "upload an ONNX model (.onnx, from torch.onnx.export) or a torch.export program (.pt2, from torch.export.save)."
+            "upload an ONNX model (.onnx, from torch.onnx.export) "
+            "or a torch.export program (.pt2, from torch.export.save)."
         )
     return gm
 
@@ -61,7 +62,8 @@ def load_exported_program_unsafe(path: str | os.PathLike) -> torch.export.Export
     if not zipfile.is_zipfile(path):
         raise ModelError(
             f"{Path(path).name!r} is not a torch.export archive (a .pt2 file is a zip written by torch.export.save); "
-            "re-save the model with torch.export.save(torch.export.export(model, example_inputs, dynamic_shapes=...), path)."
+            "re-save the model with "
+            "torch.export.save(torch.export.export(model, example_inputs, dynamic_shapes=...), path)."
         )
     try:
         return torch.export.load(path)

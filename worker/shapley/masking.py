@@ -77,7 +77,7 @@ class MaskedModel:
         last = self.layers[-1]
         return last.offset + last.size
 
-    def to(self, device: torch.device | str) -> "MaskedModel":
+    def to(self, device: torch.device | str) -> MaskedModel:
         self.prefix.to(device)
         self.suffix.to(device)
         return self
@@ -172,7 +172,7 @@ def build_masked_model(
     def gated_value(node: torch.fx.Node, value: torch.fx.Node) -> torch.fx.Node:
         return suffix_graph.call_module(gates[node], (value, masks)) if node in gates else value
 
-    for node, value in zip(frontier, inputs):
+    for node, value in zip(frontier, inputs, strict=True):
         senv[node] = gated_value(node, suffix_graph.call_function(torch.index_select, (value, 0, rows)))
 
     def lookup(arg: torch.fx.Node) -> torch.fx.Node:

@@ -422,7 +422,8 @@ def _gather(data: torch.Tensor, indices: torch.Tensor, axis: int) -> torch.Tenso
 
 def _slice(x: torch.Tensor, starts: list[int], ends: list[int], axes: list[int], steps: list[int]) -> torch.Tensor:
     index = [slice(None)] * x.dim()
-    for start, end, axis, step in zip(starts, ends, axes, steps):
+    # Lists from the model file: a malformed one keeps its shortest reading, as before (no ValueError here).
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=False):
         index[axis] = slice(start, end, step)
     return x[tuple(index)]
 
@@ -452,7 +453,8 @@ def _pad(x: torch.Tensor, pads: list[int], value: float, axes: list[int] | None)
     rank = x.dim()
     axes = list(range(rank)) if axes is None else [a % rank for a in axes]
     n = len(axes)
-    begin, end = dict(zip(axes, pads[:n])), dict(zip(axes, pads[n:]))
+    # `pads` comes from the model file: a malformed one keeps its shortest reading, as before.
+    begin, end = dict(zip(axes, pads[:n], strict=False)), dict(zip(axes, pads[n:], strict=False))
     torch_pads = []  # F.pad lists (begin, end) from the last dimension backwards
     for d in reversed(range(rank)):
         torch_pads += [begin.get(d, 0), end.get(d, 0)]
@@ -468,7 +470,8 @@ def _pad_spatial(x: torch.Tensor, spec: _PadSpec, value: float) -> torch.Tensor:
         return F.pad(x, spec[1], value=value)
     _, kernel, strides, dilations, lower = spec
     torch_pads: list[int] = []
-    for size, k, s, d in reversed(list(zip(x.shape[2:], kernel, strides, dilations))):
+    # The attributes come from the model file and may disagree with the input's rank: shortest wins, as before.
+    for size, k, s, d in reversed(list(zip(x.shape[2:], kernel, strides, dilations, strict=False))):
         total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
         small, big = total // 2, total - total // 2
         torch_pads += [big, small] if lower else [small, big]
@@ -523,7 +526,8 @@ def _padding(
         )
     pads = list(a.get("pads", [0] * 2 * rank))
     begin, end = pads[:rank], pads[rank:]
-    if begin == end and (not torch_limit or all(p <= k // 2 for p, k in zip(begin, kernel))):
+    # `pads` comes from the model file; a short one is read as far as it goes, as before.
+    if begin == end and (not torch_limit or all(p <= k // 2 for p, k in zip(begin, kernel, strict=False))):
         return tuple(begin), None
     torch_pads: list[int] = []
     for d in reversed(range(rank)):

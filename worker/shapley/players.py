@@ -63,19 +63,19 @@ def select_layers(layers: list[Layer], patterns: list[str] | None) -> list[Layer
     if not layers:
         raise SpecError("The model has no convolution or linear layer, so it has no neurons to rank.")
     if patterns:
-        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(l.name, p) for l in layers)]
+        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(layer.name, p) for layer in layers)]
         if unmatched:
             raise SpecError(
                 f"Layer pattern(s) {', '.join(map(repr, unmatched))} match no layer of the model; "
-                f"its conv/linear layers are: {', '.join(l.name for l in layers)}."
+                f"its conv/linear layers are: {', '.join(layer.name for layer in layers)}."
             )
-        chosen = [l for l in layers if any(fnmatch.fnmatchcase(l.name, p) for p in patterns)]
+        chosen = [layer for layer in layers if any(fnmatch.fnmatchcase(layer.name, p) for p in patterns)]
     else:
-        chosen = [l for l in layers if not l.produces_output]
+        chosen = [layer for layer in layers if not layer.produces_output]
         if not chosen:
             raise SpecError(
                 "The model's only conv/linear layers produce its output; name the layers to rank explicitly "
-                f"(available: {', '.join(l.name for l in layers)})."
+                f"(available: {', '.join(layer.name for layer in layers)})."
             )
     numbered, offset = [], 0
     for layer in chosen:

@@ -30,7 +30,7 @@ class PlayerStats:
     informative: torch.Tensor  # int64 [n]: samples from walks that reached the player before truncating
 
     @classmethod
-    def empty(cls, n: int) -> "PlayerStats":
+    def empty(cls, n: int) -> PlayerStats:
         return cls(
             count=torch.zeros(n, dtype=torch.int64),
             total=torch.zeros(n, dtype=torch.float64),
@@ -51,7 +51,7 @@ class PlayerStats:
         self.low[players] = torch.minimum(self.low[players], marginals)
         self.high[players] = torch.maximum(self.high[players], marginals)
 
-    def merge(self, other: "PlayerStats") -> "PlayerStats":
+    def merge(self, other: PlayerStats) -> PlayerStats:
         return PlayerStats(
             self.count + other.count,
             self.total + other.total,
@@ -83,7 +83,7 @@ class PlayerStats:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "PlayerStats":
+    def from_state(cls, state: dict[str, torch.Tensor]) -> PlayerStats:
         fields = {k: state[k].clone() for k in ("count", "total", "total_sq", "low", "high")}
         # A checkpoint written before ``informative`` existed counted every sample alike; so does its resume.
         fields["informative"] = state["informative"].clone() if "informative" in state else fields["count"].clone()

@@ -145,7 +145,7 @@ class Progress:
 
     estimate: Estimate
     undecided: int
-    _state: "_State" = field(repr=False)
+    _state: _State = field(repr=False)
 
     def checkpoint(self) -> bytes:
         """The run's state at this round boundary; :func:`run_tmab` resumes from it."""
@@ -180,7 +180,7 @@ class _State:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "_State":
+    def from_bytes(cls, data: bytes) -> _State:
         try:
             raw = torch.load(io.BytesIO(data), weights_only=True)
             if raw.get("version") != _CHECKPOINT_VERSION:
@@ -293,7 +293,7 @@ class _Runner:
         sample = self.game.sample(self.generator, lanes)
         rank = torch.empty_like(perms)
         rank.scatter_(1, perms, torch.arange(n).expand(lanes, n))
-        walks = [_Walk(perms[l], active, cfg) for l in range(lanes)]
+        walks = [_Walk(perms[lane], active, cfg) for lane in range(lanes)]
 
         # The first pass also values the full and the empty coalition of every lane.
         ends = torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)]).repeat(lanes, 1)
@@ -302,28 +302,28 @@ class _Runner:
         while pending_ends or any(not w.done for w in walks):
             if self.should_stop() or self._out_of_time():
                 return False
-            open_walks = [l for l, w in enumerate(walks) if not w.done]
+            open_walks = [lane for lane, w in enumerate(walks) if not w.done]
             share = max(1, self.per_pass // max(1, len(open_walks)))
             masks, lane_ids, steps_taken = [], [], []
             if pending_ends:
                 masks.append(ends)
                 lane_ids.append(torch.arange(lanes).repeat_interleave(2))
-            for l in open_walks:
-                steps = walks[l].next_steps(share)
-                steps_taken.append((l, steps))
-                masks.append(rank[l].unsqueeze(0) >= steps.unsqueeze(1))
-                lane_ids.append(torch.full((len(steps),), l))
+            for lane in open_walks:
+                steps = walks[lane].next_steps(share)
+                steps_taken.append((lane, steps))
+                masks.append(rank[lane].unsqueeze(0) >= steps.unsqueeze(1))
+                lane_ids.append(torch.full((len(steps),), lane))
             masks_t, lane_t = torch.cat(masks), torch.cat(lane_ids)
             values = self.game.evaluate(sample, masks_t, lane_t)
             evaluations += len(values)
             rows += len(values) * self.game.rows_per_coalition
             at = 0
             if pending_ends:
-                for l, w in enumerate(walks):
-                    w.set_ends(float(values[2 * l]), float(values[2 * l + 1]))
+                for lane, w in enumerate(walks):
+                    w.set_ends(float(values[2 * lane]), float(values[2 * lane + 1]))
                 at, pending_ends = 2 * lanes, False
-            for l, steps in steps_taken:
-                walks[l].record(steps, values[at : at + len(steps)])
+            for lane, steps in steps_taken:
+                walks[lane].record(steps, values[at : at + len(steps)])
                 at += len(steps)
 
         st = self.state
@@ -435,7 +435,7 @@ class _Walk:
     def record(self, steps: torch.Tensor, values: torch.Tensor) -> None:
         """Store evaluated steps in order, truncating once the value has sat near V(∅) long enough."""
         band = self.cfg.truncation * abs(self.v_full - self.v_empty)
-        for step, value in zip(steps.tolist(), values.tolist()):
+        for step, value in zip(steps.tolist(), values.tolist(), strict=True):
             if self.truncated_at is not None:
                 return  # evaluated in the same pass as the truncation point: not used
             self.values[step] = value
