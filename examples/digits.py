@@ -199,7 +199,9 @@ def portable_kernels() -> Iterator[None]:
     demo's network).
     """
     enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False  # not mkldnn.flags(): it also sets TF32 and warns that there is no Intel GPU
+    # Not mkldnn.flags(): it also sets TF32 and warns that there is no Intel GPU. The ignore: torch annotates
+    # `enabled` with its descriptor's type (ContextProp); the module attribute reads and takes a bool.
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
     try:
         yield
     finally:
