@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from .config import Settings
 
@@ -30,6 +30,7 @@ LIVE_TTL_S = 7 * 24 * 3600  # a forgotten job's live state goes away on its own
 ENDED_TTL_S = 24 * 3600  # a finished job's events stay replayable this long; its record is in the database
 
 Event = tuple[str, str, dict]  # (id, type, data)
+_XReadReply = list[tuple[bytes, list[tuple[bytes | str, dict[bytes, bytes]]]]]  # what RedisBus.read gets from XREAD
 
 
 class Bus(Protocol):
@@ -143,9 +144,11 @@ class RedisBus:
         key = self._key(job_id, "events")
         reply = self._redis.xread({key: after or "0-0"}, block=max(1, int(block_s * 1000)), count=500)
         events: list[Event] = []
-        for _, entries in reply or ():
-            for event_id, fields in entries:
-                event_id = event_id.decode() if isinstance(event_id, bytes) else event_id
+        # redis-py types every reply loosely; a RESP2 client without decode_responses answers XREAD with
+        # [(stream, [(id, {field: value})])] in bytes, or None when the block timed out.
+        for _, entries in cast("_XReadReply | None", reply) or ():
+            for raw_id, fields in entries:
+                event_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
                 events.append((event_id, fields[b"type"].decode(), json.loads(fields[b"data"])))
         return events
 

@@ -10,10 +10,10 @@ import logging
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 from fastapi import Depends, Request
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -76,6 +76,15 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def rowcount(session: Session, statement: Executable) -> int:
+    """Run an UPDATE or DELETE and return how many rows it matched: the guard of a conditional write.
+
+    ``Session.execute`` is typed as returning a ``Result``, which has no ``rowcount``; for a DML statement it
+    returns a ``CursorResult``, which has.
+    """
+    return cast("CursorResult[Any]", session.execute(statement)).rowcount
 
 
 def migrate(url: str | None = None) -> None:

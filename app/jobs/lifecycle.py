@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session
 
 from app.core.bus import Bus, announce, announce_end
 from app.core.clock import now
+from app.core.db import rowcount
 
 from .models import Job, JobAblation, JobCheckpoint, JobNeuron, has_checkpoint
 from .states import JobState
@@ -106,18 +107,20 @@ def request_cancel(session: Session, bus: Bus, job_id: str) -> None:
     ``cancelling`` too, and the next worker to take it stores those estimates and ends it. Anything else is left
     as it is (cancelling again is a no-op; a finished job is the caller's 409).
     """
-    if session.execute(
+    if rowcount(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.QUEUED, ~has_checkpoint())
-        .values(state=JobState.CANCELLED, cancel_requested=True, finished_at=now())
-    ).rowcount:
+        .values(state=JobState.CANCELLED, cancel_requested=True, finished_at=now()),
+    ):
         session.commit()
         announce_end(bus, job_id, {"state": JobState.CANCELLED})
-    elif session.execute(
+    elif rowcount(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.state.in_((JobState.QUEUED, JobState.RUNNING)))
-        .values(state=JobState.CANCELLING, cancel_requested=True)
-    ).rowcount:
+        .values(state=JobState.CANCELLING, cancel_requested=True),
+    ):
         session.commit()
         announce(bus, job_id, "state", {"state": JobState.CANCELLING})
     else:
@@ -136,7 +139,8 @@ def claim(session: Session, bus: Bus, lease: Lease) -> Job | None:
     claimable = or_(
         Job.state == JobState.QUEUED, and_(Job.state.in_((JobState.RUNNING, JobState.CANCELLING)), _unleased(t))
     )
-    claimed = session.execute(
+    claimed = rowcount(
+        session,
         update(Job)
         .where(Job.id == lease.job_id, claimable)
         .values(
@@ -144,8 +148,8 @@ def claim(session: Session, bus: Bus, lease: Lease) -> Job | None:
             started_at=func.coalesce(Job.started_at, t),
             lease_owner=lease.owner,
             lease_expires_at=lease.expiry(),
-        )
-    ).rowcount
+        ),
+    )
     session.commit()
     job = session.get(Job, lease.job_id) if claimed else None
     if job is not None:
@@ -155,18 +159,19 @@ def claim(session: Session, bus: Bus, lease: Lease) -> Job | None:
 
 def renew(session: Session, lease: Lease) -> bool:
     """Extend the lease; False when it was lost (expired and claimed by another worker, or the job was deleted)."""
-    renewed = session.execute(
+    renewed = rowcount(
+        session,
         update(Job)
         .where(lease.mine(), Job.state.in_((JobState.RUNNING, JobState.CANCELLING)))
-        .values(lease_expires_at=lease.expiry())
-    ).rowcount
+        .values(lease_expires_at=lease.expiry()),
+    )
     session.commit()
     return bool(renewed)
 
 
 def checkpoint(session: Session, lease: Lease, state: bytes, iterations: int, progress: dict) -> bool:
     """Save the estimator's state and progress, if the job is still ours."""
-    if not session.execute(update(Job).where(lease.mine()).values(progress=progress)).rowcount:
+    if not rowcount(session, update(Job).where(lease.mine()).values(progress=progress)):
         session.rollback()
         return False
     session.merge(JobCheckpoint(job_id=lease.job_id, state=state, iterations=iterations, saved_at=now()))
@@ -191,7 +196,8 @@ def finish(
     """
     if outcome not in (JobState.SUCCEEDED, JobState.CANCELLED):
         raise ValueError(f"a job finishes succeeded or cancelled, not {outcome}")
-    if not session.execute(
+    if not rowcount(
+        session,
         update(Job)
         .where(lease.mine(), Job.state.in_((JobState.RUNNING, JobState.CANCELLING)))
         .values(
@@ -201,8 +207,8 @@ def finish(
             progress=progress,
             lease_owner=None,
             lease_expires_at=None,
-        )
-    ).rowcount:
+        ),
+    ):
         session.rollback()
         log.warning("job %s: lease lost before the result was written; another worker owns it", lease.job_id)
         return None
@@ -220,11 +226,12 @@ def finish(
 
 def fail(session: Session, bus: Bus, lease: Lease, error: dict) -> JobState | None:
     """running or cancelling → failed, with the error users read; None when the lease was lost."""
-    if not session.execute(
+    if not rowcount(
+        session,
         update(Job)
         .where(lease.mine(), Job.state.in_((JobState.RUNNING, JobState.CANCELLING)))
-        .values(state=JobState.FAILED, finished_at=now(), error=error, lease_owner=None, lease_expires_at=None)
-    ).rowcount:
+        .values(state=JobState.FAILED, finished_at=now(), error=error, lease_owner=None, lease_expires_at=None),
+    ):
         session.rollback()
         return None
     session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == lease.job_id))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -22,8 +22,10 @@ from .states import JobState
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-PROBLEM = {"content": {MEDIA_TYPE: {}}, "description": "a problem document (RFC 9457)"}
-ERRORS = {
+# Typed as FastAPI's `responses=` parameter is (keys int | str): inferred, the dict would be dict[int, ...], and
+# dict is invariant in its key type.
+PROBLEM: dict[str, Any] = {"content": {MEDIA_TYPE: {}}, "description": "a problem document (RFC 9457)"}
+ERRORS: dict[int | str, dict[str, Any]] = {
     400: PROBLEM,
     401: PROBLEM,
     404: PROBLEM,

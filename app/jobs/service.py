@@ -211,7 +211,8 @@ def _record_job(
 
 
 def _check_quota(session: Session, settings: Settings, tenant: str) -> None:
-    active = session.scalar(select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.state.in_(ACTIVE)))
+    count = select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.state.in_(ACTIVE))
+    active = session.execute(count).scalar_one()
     if active >= settings.max_active_jobs_per_tenant:
         raise Problem(
             429,

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from app.core.db import rowcount
 from app.core.problems import Problem
 
 from .models import ApiKey
@@ -40,9 +41,10 @@ def create_key(session: Session, tenant: str, name: str | None = None) -> tuple[
 
 def revoke_key(session: Session, key_id: str) -> bool:
     """Revoke a key by its id (the part after ``nsk_``); False if there is no such active key."""
-    done = session.execute(
-        update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=datetime.now(UTC))
-    ).rowcount
+    done = rowcount(
+        session,
+        update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=datetime.now(UTC)),
+    )
     session.commit()
     return bool(done)
 
