@@ -65,7 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
         number = next((t for t in (int, float) if t in (info.annotation, *get_args(info.annotation))), None)
         default = "" if info.default is None else f" (default {info.default})"
-        tuning.add_argument(_option(name), dest=name, choices=choices, type=number, help=f"{info.description}{default}")
+        # type=str for the other fields: what argparse does with no type (the string as given), spelled out for mypy.
+        tuning.add_argument(
+            _option(name),
+            dest=name,
+            choices=choices,
+            type=number or str,
+            help=f"{info.description}{default}",
+        )
     est.add_argument("--device", help="cpu, cuda, cuda:1 … (default: the GPU if there is one)")
     est.add_argument("--limit", type=int, default=20, help="neurons to print as text (--json prints all)")
     est.add_argument(

@@ -266,17 +266,20 @@ class _Reporter:
             self.save_checkpoint()
 
     def publish(self, progress: Progress) -> None:
+        # start() has run: run_tmab, which reports progress, is called after it.
+        assert self.game is not None and self.config is not None, "publish() before start()"
         estimate = progress.estimate
         neurons = ranked_neurons(self.game, estimate)
+        progress_now = self.progress_dict(estimate, progress.undecided)
         live = {
             "state": JobState.CANCELLING if self.cancelled else JobState.RUNNING,
-            "progress": self.progress_dict(estimate, progress.undecided),
+            "progress": progress_now,
             "neurons": neurons,
             "updated_at": now().isoformat(),
         }
         try:
             self.bus.set_live(self.job_id, live)
-            self.bus.publish(self.job_id, "progress", live["progress"])
+            self.bus.publish(self.job_id, "progress", progress_now)
             shown = min(len(neurons), max(2 * self.config.top_k, 20))
             head = neurons[-shown:][::-1] if self.config.mode == "bottom" else neurons[:shown]
             self.bus.publish(self.job_id, "bounds", {"neurons": head, "of": len(neurons)})
@@ -310,7 +313,10 @@ class _Reporter:
             self._polled_at = t
             try:
                 with self.db() as session:
-                    self.cancelled = bool(session.get(Job, self.job_id).cancel_requested)
+                    job = session.get(Job, self.job_id)
+                    if job is None:  # its row is gone; the lease's renewal finds that out and stops the run
+                        raise LookupError("the job is no longer in the database")
+                    self.cancelled = bool(job.cancel_requested)
             except Exception as exc:
                 log.warning("job %s: cancel flag not read: %s", self.job_id, exc)
         return self.cancelled

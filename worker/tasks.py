@@ -34,7 +34,8 @@ if not settings.broker_url:
         "neuronshap worker needs a broker: set NEURONSHAP_BROKER_URL (e.g. redis://localhost:6379/0). "
         "Without one, `neuronshap serve` runs jobs in its own process."
     )
-app = celery_app(settings.broker_url, settings.queue_name)
+broker_url: str = settings.broker_url  # checked just above; a name of its own keeps it a str in the functions below
+app = celery_app(broker_url, settings.queue_name)
 _bus = make_bus(settings)
 _shutting_down = threading.Event()
 
@@ -51,7 +52,7 @@ def _start_reconciler(**_: object) -> None:
     def loop() -> None:
         while not _shutting_down.is_set():
             try:
-                reconcile(settings, CeleryQueue(settings.broker_url, settings.queue_name), _bus)
+                reconcile(settings, CeleryQueue(broker_url, settings.queue_name), _bus)
             except Exception as exc:  # the database or broker is away: next time
                 log.warning("reconcile failed: %s", exc)
             _shutting_down.wait(settings.reconcile_interval_s)
@@ -63,4 +64,4 @@ def _start_reconciler(**_: object) -> None:
 def run(job_id: str) -> None:
     if run_job(job_id, settings, _bus, should_exit=_shutting_down.is_set) in (JobState.QUEUED, JobState.CANCELLING):
         # Handed back at a checkpoint: the next worker resumes it.
-        CeleryQueue(settings.broker_url, settings.queue_name).enqueue(job_id)
+        CeleryQueue(broker_url, settings.queue_name).enqueue(job_id)

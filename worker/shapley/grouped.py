@@ -44,6 +44,8 @@ deferred, then not grouped) where it is not.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.fx
 
@@ -177,10 +179,13 @@ class GroupedSuffix(torch.fx.Interpreter):
         return result.expand(every, self.b)
 
     def run_node(self, n: torch.fx.Node):
+        # The suffix graph's index_select and gate nodes take a node as their first argument (masking.py builds
+        # them so), and a call_module node's target is the module's dotted path.
         if n.op == "call_function" and n.target is torch.index_select:  # the frontier repeated per lane
-            return _Grouped(torch.index_select(self.env[n.args[0]], 0, self.lane_rows), self.lane_key, self.lane_groups)
-        if n.op == "call_module" and isinstance(gate := self.module.get_submodule(n.target), Gate):
-            x = self._settle(self.env[n.args[0]])
+            rows = torch.index_select(self.env[cast(torch.fx.Node, n.args[0])], 0, self.lane_rows)
+            return _Grouped(rows, self.lane_key, self.lane_groups)
+        if n.op == "call_module" and isinstance(gate := self.module.get_submodule(cast(str, n.target)), Gate):
+            x = self._settle(self.env[cast(torch.fx.Node, n.args[0])])
             deferred = _Deferred(x, _aux(gate, x.t), gate)
             return deferred if self.defer else self._settle(deferred)
         if n.op == "call_function" and n.target is torch.ops.aten.sym_size.int and n.args[1] == 0:

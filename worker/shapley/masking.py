@@ -23,8 +23,9 @@ model whose outputs differ.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -43,6 +44,8 @@ class Gate(nn.Module):
     coalitions' rows one after another. A removed neuron takes its ``fill``
     (per-channel mean activation) or zero.
     """
+
+    fill: torch.Tensor | None  # a buffer (registered below), so that it moves with the module
 
     def __init__(self, layer: Layer, fill: torch.Tensor | None) -> None:
         super().__init__()
@@ -240,16 +243,17 @@ def _closure(start: Iterable[torch.fx.Node], step) -> set[torch.fx.Node]:
 
 def _keep_attr(gm: torch.fx.GraphModule, node: torch.fx.Node, attrs: dict[str, object]) -> None:
     if node.op in ("get_attr", "call_module"):
-        obj = gm
-        for part in node.target.split("."):
+        target = cast(str, node.target)  # these two ops name an attribute by its dotted path
+        obj: Any = gm
+        for part in target.split("."):
             obj = getattr(obj, part)
-        attrs[node.target] = obj
+        attrs[target] = obj
 
 
 class _Recorder(torch.fx.Interpreter):
     """Runs the graph node by node, keeping shapes (all nodes) and values (some)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, keep: set[torch.fx.Node] = frozenset()) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, keep: Set[torch.fx.Node] = frozenset()) -> None:
         super().__init__(gm)
         self.keep = keep
         self.shapes: dict[torch.fx.Node, torch.Size | None] = {}

@@ -11,6 +11,7 @@ returns M values.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,13 +64,20 @@ class Metric:
         return None if self.spec.name == "log_likelihood" else 1.0
 
     def restrict(self, data: EvalData) -> EvalData:
-        """Only the examples that can move the metric (one class, one group, the two compared groups)."""
+        """Only the examples that can move the metric (one class, one group, the two compared groups).
+
+        ``data`` is the set the metric was bound to: :meth:`_check_fields` has made sure it has the groups,
+        and the spec the fields, that the metric reads.
+        """
         s = self.spec
         if s.name == "class_recall":
+            assert s.class_ is not None
             return data.subset(data.labels == s.class_)
         if s.name == "group_accuracy":
+            assert data.groups is not None and s.group is not None
             return data.subset(data.groups == s.group)
         if s.name == "group_gap":
+            assert data.groups is not None and s.groups is not None
             return data.subset((data.groups == s.groups[0]) | (data.groups == s.groups[1]))
         return data
 
@@ -87,7 +95,14 @@ class Metric:
         correct = (outputs.argmax(-1) == labels).double()
         if name in ("accuracy", "class_recall", "group_accuracy"):
             return correct.mean(1)
-        ids = sorted(int(g) for g in torch.unique(groups)) if name == "worst_group_accuracy" else self.spec.groups
+        # The group metrics: the game passes each batch's groups, and group_gap's spec names two (_check_fields).
+        assert groups is not None
+        ids: Sequence[int]
+        if name == "worst_group_accuracy":
+            ids = sorted(int(g) for g in torch.unique(groups))
+        else:
+            assert self.spec.groups is not None
+            ids = self.spec.groups
         per_group = []
         for g in ids:
             member = (groups == g).double()

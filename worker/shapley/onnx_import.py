@@ -188,7 +188,9 @@ class _Builder:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.onnx_graph = model.graph
-        self.opset = _opset(model)
+        opset = _opset(model)
+        assert opset is not None, "_validate refuses a model without a default-domain opset"
+        self.opset = opset
         self.root = torch.nn.Module()
         self.graph = torch.fx.Graph()
         self.env: dict[str, torch.fx.Node] = {}
@@ -698,7 +700,9 @@ def _squeeze(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
 
 
 def _unsqueeze_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
-    return b.call(_unsqueeze, b.value(node.input[0]), tuple(_axes(b, node)))
+    axes = _axes(b, node)
+    assert axes is not None, "the ONNX checker (in _validate) requires Unsqueeze's axes"
+    return b.call(_unsqueeze, b.value(node.input[0]), tuple(axes))
 
 
 def _reduce(fn: Callable[..., torch.Tensor]) -> _Emitter:
@@ -720,15 +724,15 @@ def _pad_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
             f"{_describe(node)} uses mode {a['mode']!r}; only constant padding is supported; {_REEXPORT_HINT}."
         )
     pads = list(a["pads"]) if "pads" in a else b.const_ints(node, 1, "pads")
-    value = b.const(node, 2)
-    value = float(value.item()) if value is not None else float(a.get("value", 0.0))
+    fill = b.const(node, 2)
+    value = float(fill.item()) if fill is not None else float(a.get("value", 0.0))
     axes = b.const_ints(node, 3, "axes")
     return b.call(_pad, b.value(node.input[0]), pads, value, axes)
 
 
 def _clip(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
     a = _attrs(node)
-    bounds = []
+    bounds: list[float | torch.fx.Node | None] = []  # a constant, a value computed in the graph, or no bound
     for i, key in ((1, "min"), (2, "max")):  # inputs since opset 11, attributes before
         c = b.const(node, i)
         if c is not None:
@@ -742,6 +746,7 @@ def _clip(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
 def _slice_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
     starts = b.const_ints(node, 1, "starts")
     ends = b.const_ints(node, 2, "ends")
+    assert starts is not None, "the ONNX checker (in _validate) requires Slice's starts"
     axes = b.const_ints(node, 3, "axes") or list(range(len(starts)))
     steps = b.const_ints(node, 4, "steps") or [1] * len(starts)
     if any(s <= 0 for s in steps):

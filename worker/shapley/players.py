@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -124,7 +125,7 @@ def _layers_feeding_output(gm: torch.fx.GraphModule) -> set[str]:
 def _fetch(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
     if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
         raise SpecError(f"Layer node {node} has a weight that is not a stored parameter; it cannot be ranked.")
-    obj = gm
-    for part in node.target.split("."):
+    obj: Any = gm
+    for part in cast(str, node.target).split("."):  # a get_attr node's target is the attribute's dotted path
         obj = getattr(obj, part)
     return obj

@@ -33,12 +33,25 @@ _CHECKPOINT_VERSION = 1
 
 
 class Game(Protocol):
-    """What the estimator needs of a cooperative game."""
+    """What the estimator needs of a cooperative game.
 
-    n_players: int
-    value_range: float | None  # width of the metric's range; None if unbounded
-    max_coalitions_per_pass: int
-    rows_per_coalition: int  # examples behind one coalition's value: the unit of forward work
+    The four figures are read-only properties: the estimator only reads them, and a game may compute them
+    (:class:`NeuronGame` does) or hold them as plain attributes.
+    """
+
+    @property
+    def n_players(self) -> int: ...
+
+    @property
+    def value_range(self) -> float | None:
+        """Width of the metric's range; None if unbounded."""
+
+    @property
+    def max_coalitions_per_pass(self) -> int: ...
+
+    @property
+    def rows_per_coalition(self) -> int:
+        """Examples behind one coalition's value: the unit of forward work."""
 
     def sample(self, generator: torch.Generator, lanes: int) -> Any:
         """Draw one evaluation batch per lane and precompute what its coalitions share."""
