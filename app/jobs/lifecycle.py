@@ -1,7 +1,7 @@
 """Every change of a job's state, one function per transition, each with its guard.
 
 This module is the only writer of ``Job.state`` and of a job's lease. Each
-transition is one condi    tional ``UPDATE`` (so a worker and an API request
+transition is one conditional ``UPDATE`` (so a worker and an API request
 racing for the same job cannot both win), committed on its own, and announced
 on the bus once committed (best effort: the database is the record).
 
@@ -25,7 +25,7 @@ transition                 from                                   to
 =========================  =====================================  ==================================
 
 A worker's writes (:func:`renew`, :func:`checkpoint`, :func:`finish`,
-:func:`fail`, :func:`ha    nd_back`) are guarded by its :class:`Lease`: once a
+:func:`fail`, :func:`hand_back`) are guarded by its :class:`Lease`: once a
 lease has expired and another worker claimed the job, the first worker's
 writes change nothing and return ``False``/``None``, and it stops.
 Cancellation is never undone: a cancelling job stays cancelling through
