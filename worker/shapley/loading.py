@@ -42,6 +42,8 @@ def load_model(path: str | os.PathLike) -> torch.fx.GraphModule:
         from .onnx_import import onnx_to_graph_module
 
         gm = onnx_to_graph_module(path).eval()
+        if gm.meta.get("onnx_output_unit_spatial"):
+            _flatten_output(gm)
     elif suffix in _EXPORT_SUFFIXES:
         gm = _annotate_exported(load_exported_program_unsafe(path).module())
     else:
@@ -51,6 +53,22 @@ def load_model(path: str | os.PathLike) -> torch.fx.GraphModule:
             "or a torch.export program (.pt2, from torch.export.save)."
         )
     return gm
+
+
+def _flatten_output(gm: torch.fx.GraphModule) -> None:
+    """Make ``[N, C, 1, 1]`` class scores (a conv classifier head) ``[N, C]``.
+
+    The metrics read classes on the last dimension; a fully convolutional
+    classifier (SqueezeNet, DenseNet from the ONNX Model Zoo) ends with two
+    unit spatial dimensions instead.
+    """
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    (value,) = output.args
+    with gm.graph.inserting_before(output):
+        flat = gm.graph.call_function(torch.flatten, (value, 1))
+    output.args = (flat,)
+    gm.meta["output_flattened"] = True
+    gm.recompile()
 
 
 def load_exported_program_unsafe(path: str | os.PathLike) -> torch.export.ExportedProgram:

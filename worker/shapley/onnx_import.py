@@ -18,6 +18,8 @@ arithmetic stays in the graph so that the batch size is never baked in.
 from __future__ import annotations
 
 import ast
+import copy
+import functools
 import keyword
 import math
 import os
@@ -31,6 +33,8 @@ import onnx.checker
 import onnx.external_data_helper
 import onnx.helper
 import onnx.numpy_helper
+import onnx.shape_inference
+import onnx.version_converter
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -41,6 +45,10 @@ __all__ = ["onnx_to_graph_module"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _MIN_OPSET = 11
+# Older models are upgraded to this opset with onnx.version_converter, whose
+# adapters up to 13 cover the ops of the ONNX Model Zoo's opset-9 networks.
+_UPGRADE_OPSET = 13
+_BATCH_PARAM = "__neuronshap_batch__"
 _NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _REEXPORT_HINT = (
     "re-export the model with torch.onnx.export using standard ONNX operators, "
@@ -59,6 +67,12 @@ _DTYPES = {
     onnx.TensorProto.UINT8: torch.uint8,
     onnx.TensorProto.BOOL: torch.bool,
 }
+
+# Layer ops are never evaluated at load time (their weights must stay
+# buffers); Constant/Identity/Dropout already pass constants through.
+_NEVER_FOLD = frozenset({"Conv", "Gemm", "MatMul", "Constant", "Identity", "Dropout"})
+# Ops whose constant output is named after itself, not its (shape) input.
+_SHAPE_FED = frozenset({"ConstantOfShape", "Shape", "Size", "Range"})
 
 # Functional ops indexed by the number of spatial dimensions.
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -81,7 +95,23 @@ def onnx_to_graph_module(source: str | os.PathLike | bytes) -> torch.fx.GraphMod
     """
     model, label = _load(source)
     _validate(model, label)
-    return _Builder(model).build()
+    upgraded_from = None
+    opset = _opset(model)
+    if opset is not None and opset < _MIN_OPSET:
+        model = _upgrade(model, label, opset)
+        upgraded_from = opset
+    _validate_ops(model, label)
+    _validate_io(model, label)
+    batch_reshapes, flatten_output = _free_batch(model)
+    gm = _Builder(model).build()
+    gm.meta["onnx_opset"] = _opset(model)
+    if upgraded_from is not None:
+        gm.meta["onnx_upgraded_from_opset"] = upgraded_from
+    gm.meta["onnx_batch_reshapes_rewritten"] = batch_reshapes
+    # [N, C, 1, 1] class scores (SqueezeNet, DenseNet): loading.load_model
+    # flattens them to [N, C]; this module keeps the file's output shape.
+    gm.meta["onnx_output_unit_spatial"] = flatten_output
+    return gm
 
 
 # --------------------------------------------------------------------------
@@ -134,25 +164,33 @@ def _validate(model: onnx.ModelProto, label: str) -> None:
         )
 
     custom = sorted({f"{n.domain}::{n.op_type}" for n in graph.node if n.domain not in _DEFAULT_DOMAINS})
-    missing = sorted({n.op_type for n in graph.node if n.domain in _DEFAULT_DOMAINS and n.op_type not in _OPS})
-    if custom or missing:
-        parts = []
-        if custom:
-            parts.append(f"custom operators outside the standard ONNX domain: {', '.join(custom)}")
-        if missing:
-            parts.append(f"ONNX operators this converter does not support: {', '.join(missing)}")
+    if custom:
         raise ModelError(
-            f"{label} uses {'; and '.join(parts)}. Either {_REEXPORT_HINT}, or replace "
-            "those layers with supported ones."
+            f"{label} uses custom operators outside the standard ONNX domain: {', '.join(custom)}. "
+            f"Either {_REEXPORT_HINT}, or replace those nodes in the ONNX file with standard operators "
+            "(onnx.helper / onnxscript rewrite), e.g. by decomposing them into elementwise ops."
         )
-
     opset = _opset(model)
-    if opset is None or opset < _MIN_OPSET:
+    if opset is None:
         raise ModelError(
-            f"{label} uses ONNX opset {opset}, older than the supported {_MIN_OPSET}; "
-            f"re-export it with torch.onnx.export(..., opset_version={_MIN_OPSET} or newer)."
+            f"{label} imports no standard ONNX opset; re-export it with torch.onnx.export(..., opset_version=17)."
         )
 
+
+def _validate_ops(model: onnx.ModelProto, label: str) -> None:
+    graph = model.graph
+    missing = sorted({n.op_type for n in graph.node if n.domain in _DEFAULT_DOMAINS and n.op_type not in _OPS})
+    if missing:
+        raise ModelError(
+            f"{label} uses ONNX operators this converter does not support: {', '.join(missing)}. "
+            "Rewrite those nodes in the ONNX file itself: onnx-simplifier (`onnxsim model.onnx out.onnx`) folds "
+            "shape and constant subgraphs, and onnx.helper / onnxscript can replace a node by an equivalent "
+            f"sequence of supported ones; or {_REEXPORT_HINT}."
+        )
+
+
+def _validate_io(model: onnx.ModelProto, label: str) -> None:
+    graph = model.graph
     initializers = {t.name for t in graph.initializer}
     inputs = [i.name for i in graph.input if i.name not in initializers]
     if len(inputs) != 1:
@@ -173,6 +211,124 @@ def _validate(model: onnx.ModelProto, label: str) -> None:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise ModelError(_not_onnx(label, f"the ONNX checker rejects it: {exc}")) from exc
+
+
+def _upgrade(model: onnx.ModelProto, label: str, opset: int) -> onnx.ModelProto:
+    """Upgrade an old-opset model with onnx.version_converter (exact for the ops it adapts)."""
+    try:
+        upgraded = onnx.version_converter.convert_version(model, _UPGRADE_OPSET)
+    except Exception as exc:  # the converter raises RuntimeError or its own C++ errors
+        raise ModelError(
+            f"{label} uses ONNX opset {opset}, older than the supported {_MIN_OPSET}, and upgrading it with "
+            f'onnx.version_converter failed: {exc}. Upgrade the file yourself (python -c "import onnx, '
+            f"onnx.version_converter as vc; onnx.save(vc.convert_version(onnx.load('model.onnx'), "
+            f"{_UPGRADE_OPSET}), 'model_opset{_UPGRADE_OPSET}.onnx')\"), replacing the node the error names if "
+            f"it has no adapter, or re-export with torch.onnx.export(..., opset_version=17)."
+        ) from exc
+    return upgraded
+
+
+def _free_batch(model: onnx.ModelProto) -> tuple[int, bool]:
+    """Make a batch dimension fixed at 1 symbolic; say whether the output needs flattening.
+
+    Old exporters (Caffe2, the ONNX Model Zoo) fix the batch at 1 and write
+    ``Reshape(x, [1, C])`` before the classifier.  The input's leading 1 is
+    replaced by a symbolic dimension and ONNX shape inference follows it; a
+    Reshape whose constant target starts with 1 while its data's first
+    dimension is that symbol gets 0 there ("copy the input's dimension"),
+    which is exact: with the batch of 1 both shapes agree, and reshaping
+    example by example is what the file does.  Nothing else is rewritten,
+    since only these Reshapes are provably about the batch.  Rewrites are
+    made in place on ``model``; returns how many and whether the output is
+    ``[N, C, 1, ...]`` (class scores behind trailing unit dimensions).
+    """
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    (real_input,) = [i for i in graph.input if i.name not in initializers]
+    dims = real_input.type.tensor_type.shape.dim
+    # Only a batch the file fixes at 1 is freed: where it is already symbolic,
+    # a Reshape to [1, ...] is the author's choice (and mixes examples).
+    fixed_at_one = bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 1
+    if fixed_at_one:
+        dims[0].dim_param = _BATCH_PARAM
+    light = _shape_only_copy(model)
+    rewritten = 0
+    for _ in range(len(graph.node) + 1 if fixed_at_one else 0):
+        shapes = _inferred_dims(light)
+        changed = False
+        for node, light_node in zip(graph.node, light.graph.node, strict=True):
+            if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in initializers:
+                continue
+            target = onnx.numpy_helper.to_array(initializers[node.input[1]])
+            data = shapes.get(node.input[0])
+            allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+            if target.ndim != 1 or not len(target) or target[0] != 1 or not data or data[0] != _BATCH_PARAM:
+                continue
+            new = target.copy()
+            if not allowzero:
+                new[0] = 0
+            elif -1 not in target.tolist():
+                new[0] = -1
+            else:
+                continue
+            name = _fresh_name(f"{node.input[1]}_batch", initializers)
+            tensor = onnx.numpy_helper.from_array(new, name)
+            initializers[name] = tensor
+            graph.initializer.append(tensor)
+            light.graph.initializer.append(tensor)
+            node.input[1] = light_node.input[1] = name
+            rewritten += 1
+            changed = True
+        if not changed:
+            break
+    declared = [d.dim_value or None for d in graph.output[0].type.tensor_type.shape.dim]
+    out = _inferred_dims(light).get(graph.output[0].name) or declared
+    flatten = bool(out) and len(out) == 4 and out[2:] == [1, 1]
+    return rewritten, flatten
+
+
+def _shape_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its large float weights (typed inputs instead), for cheap shape inference."""
+    light = copy.deepcopy(model)
+    inputs = {i.name for i in light.graph.input}
+    keep = []
+    for t in light.graph.initializer:
+        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or math.prod(t.dims) <= 16:
+            keep.append(t)
+        elif t.name not in inputs:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(keep)
+    # Shapes the exporter recorded hold the fixed batch; infer them afresh.
+    del light.graph.value_info[:]
+    for o in light.graph.output:
+        o.type.tensor_type.ClearField("shape")
+    if light.ir_version < 4:  # IR 3 requires every initializer to be a graph input; theirs already are
+        light.ir_version = 4
+    return light
+
+
+def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    """Each value's dims as ints, symbol names, or None where unknown."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is a help here, never a reason to refuse a model
+        return {}
+    out: dict[str, list[int | str | None]] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            out[vi.name] = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim
+            ]
+    return out
+
+
+def _fresh_name(base: str, taken: Any) -> str:
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
 
 
 def _opset(model: onnx.ModelProto) -> int | None:
@@ -198,6 +354,9 @@ class _Builder:
         # shapes, axes and pads from here; they become buffers only when used.
         self.consts: dict[str, torch.Tensor] = {t.name: _to_tensor(t) for t in model.graph.initializer}
         self.initializers = set(self.consts)
+        # For a constant computed at load time (a Reshape of a weight, a
+        # ConstantOfShape fill), the name of the weight it came from.
+        self.origin: dict[str, str] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in model.graph.node:
             for name in node.input:
@@ -214,15 +373,48 @@ class _Builder:
                 continue
             self.index = index
             self._check_extra_outputs(node)
+            if self._fold(node):
+                continue
             result = _OPS[node.op_type](self, node)
             if result is not None:
                 self.env[node.output[0]] = result
         self.graph.output(self.value(self.onnx_graph.output[0].name))
+        _strip_device_prefix(self.graph)
         _make_layer_names_unique(self.graph)
         gm = torch.fx.GraphModule(self.root, self.graph, class_name="OnnxGraphModule")
         gm.graph.lint()
         gm.recompile()
         return gm.eval()
+
+    def _fold(self, node: onnx.NodeProto) -> bool:
+        """Evaluate a node whose inputs are all load-time constants, at load time.
+
+        So a weight stored behind a Reshape/Transpose/Unsqueeze (or filled by
+        ConstantOfShape) is still a constant weight, and its Conv/Gemm still
+        a layer.  Layer ops themselves are never folded.
+        """
+        if node.op_type in _NEVER_FOLD or not node.input:
+            return False
+        if not all(name in self.consts for name in node.input if name):
+            return False
+        scratch = copy.copy(self)
+        scratch.graph, scratch.root, scratch.env, scratch.skipped = torch.fx.Graph(), torch.nn.Module(), {}, set()
+        try:
+            result = _OPS[node.op_type](scratch, node)
+            if result is None:
+                return False
+            scratch.graph.output(result)
+            value = torch.fx.Interpreter(scratch.root, graph=scratch.graph).run()
+        except ModelError:
+            raise
+        except Exception:  # leave it to run time, where it fails (or not) as in the file
+            return False
+        if not isinstance(value, torch.Tensor):
+            return False
+        self.consts[node.output[0]] = value
+        source = node.output[0] if node.op_type in _SHAPE_FED else node.input[0]
+        self.origin[node.output[0]] = self.origin.get(source, source)
+        return True
 
     def _check_extra_outputs(self, node: onnx.NodeProto) -> None:
         # Every emitter produces only the first output (BatchNorm running
@@ -300,9 +492,9 @@ class _Builder:
         renames weights it constant-folds, e.g. conv+BN); (d) the node name;
         (e) op type and position.
         """
-        weight = node.input[1]
-        if weight in self.initializers and weight.endswith(".weight") and weight != ".weight":
-            return weight[: -len(".weight")]
+        weight = self.origin.get(node.input[1], node.input[1]) if node.input[1] in self.consts else None
+        if weight and (stem := _weight_stem(weight)):
+            return stem
         scopes = next((p.value for p in node.metadata_props if p.key == _NAME_SCOPES_KEY), None)
         if scopes:
             try:
@@ -314,6 +506,34 @@ class _Builder:
         if node.name.startswith("/") and (name := _join_scopes(node.name.split("/")[:-1])):
             return name
         return node.name or f"{node.op_type.lower()}_{self.index}"
+
+
+# Suffixes that mark a tensor as a layer's weight; the rest is the layer's
+# name: `conv1.weight` (torch), `fire9/expand3x3_w_0` (Caffe2), `fc_w`, `fc_weight`.
+_WEIGHT_SUFFIXES = (".weight", "_weight", "_w_0", "_W_0", "_w", "_W")
+_DEVICE_PREFIX = re.compile(r"^(?:gpu|cpu|cuda|device)_?\d+/")
+
+
+def _weight_stem(name: str) -> str | None:
+    for suffix in _WEIGHT_SUFFIXES:
+        if name.endswith(suffix) and (stem := name[: -len(suffix)].rstrip("./")):
+            return stem
+    return None
+
+
+def _strip_device_prefix(graph: torch.fx.Graph) -> None:
+    """Drop a Caffe2 device scope (``gpu_0/``) that every layer name shares.
+
+    Users type ``res2_0_branch2a``, not ``gpu_0/res2_0_branch2a``; the prefix
+    says where the model was trained, not which layer it is.
+    """
+    layers = [n for n in graph.nodes if "layer" in n.meta]
+    if not layers or not (match := _DEVICE_PREFIX.match(layers[0].meta["layer"])):
+        return
+    prefix = match.group(0)
+    if all(n.meta["layer"].startswith(prefix) and len(n.meta["layer"]) > len(prefix) for n in layers):
+        for n in layers:
+            n.meta["layer"] = n.meta["layer"][len(prefix) :]
 
 
 def _join_scopes(scopes: Sequence[str]) -> str:
@@ -428,6 +648,28 @@ def _slice(x: torch.Tensor, starts: list[int], ends: list[int], axes: list[int],
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=False):
         index[axis] = slice(start, end, step)
     return x[tuple(index)]
+
+
+def _constant_of_shape(shape: torch.Tensor, value: float | int | bool, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(tuple(int(d) for d in shape.tolist()), value, dtype=dtype, device=shape.device)
+
+
+def _sum(*xs: torch.Tensor) -> torch.Tensor:
+    return functools.reduce(torch.add, xs)
+
+
+def _lrn(x: torch.Tensor, size: int, alpha: float, beta: float, bias: float) -> torch.Tensor:
+    """ONNX LRN: x / (bias + alpha/size * sum of x^2 over a channel window)^beta.
+
+    The window of channel c is [c - floor((size-1)/2), c + ceil((size-1)/2)],
+    clipped to the channels there are.  torch's local_response_norm centres an
+    even window the other way, so this is written out.
+    """
+    n, c = x.shape[:2]
+    squares = (x * x).reshape(n, 1, c, -1)
+    padded = F.pad(squares, (0, 0, (size - 1) // 2, size // 2))
+    window_sum = F.avg_pool2d(padded, (size, 1), stride=1) * size
+    return x / (bias + (alpha / size) * window_sum.reshape(x.shape)) ** beta
 
 
 def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -772,6 +1014,7 @@ def _identity(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node | None:
     # makes its MatMul a linear layer.
     if node.input[0] in b.consts:
         b.consts[node.output[0]] = b.consts[node.input[0]]
+        b.origin[node.output[0]] = b.origin.get(node.input[0], node.input[0])
         return None
     return b.value(node.input[0])
 
@@ -790,11 +1033,32 @@ def _simple(fn: Callable[..., Any], n_inputs: int = 1, **attr_defaults: Any) -> 
     return emit
 
 
+def _constant_of_shape_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    value = _attrs(node).get("value")
+    fill = _to_tensor(value) if value is not None else torch.zeros(1)
+    return b.call(_constant_of_shape, b.value(node.input[0]), fill.reshape(-1)[0].item(), fill.dtype)
+
+
+def _lrn_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    a = _attrs(node)
+    return b.call(
+        _lrn,
+        b.value(node.input[0]),
+        int(a["size"]),
+        float(a.get("alpha", 1e-4)),
+        float(a.get("beta", 0.75)),
+        float(a.get("bias", 1.0)),
+    )
+
+
 _OPS: dict[str, _Emitter] = {
     "Conv": _conv,
     "Gemm": _gemm_op,
     "MatMul": _matmul,
     "Add": _simple(torch.add, 2),
+    "Sum": lambda b, n: b.call(_sum, *(b.value(i) for i in n.input)),
+    "ConstantOfShape": _constant_of_shape_op,
+    "LRN": _lrn_op,
     "Sub": _simple(torch.sub, 2),
     "Mul": _simple(torch.mul, 2),
     "Div": _simple(_div, 2),
