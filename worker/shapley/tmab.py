@@ -9,7 +9,13 @@ its own evaluation batch, and their coalitions share forward passes. Between
 rounds the bounds and the active set are updated, the progress callback runs,
 and the state is a checkpoint. A run stopped in the middle of a round drops
 that round, so a checkpoint always sits at a round boundary and a resumed run
-replays exactly what an uninterrupted one would have done.
+replays exactly what an uninterrupted one would have done. Within a round a
+lighter callback (``on_pass``) gets the counters after every forward pass;
+it carries no checkpoint.
+
+``max_seconds`` counts from ``started_at`` (the caller's clock when the whole
+run began, loading and building included), and passes shrink as the deadline
+nears so that no pass starts that would end past it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from .bounds import BOUNDS, half_widths
 from .errors import SpecError
 from .stats import PlayerStats
 
-__all__ = ["Game", "TMABConfig", "Progress", "Estimate", "run_tmab", "MODES"]
+__all__ = ["Game", "TMABConfig", "Progress", "PassProgress", "Estimate", "run_tmab", "MODES"]
 
 MODES = ("top", "bottom", "all")
 _CHECKPOINT_VERSION = 1
@@ -82,7 +88,8 @@ class TMABConfig:
         coalitions_per_pass: cap on coalitions per forward pass (the game also caps it by memory).
         seed: the whole run is a function of it.
         max_iterations, max_evaluations, max_seconds: budgets; a run stops at
-            the first reached (evaluation budget checked between rounds).
+            the first reached (evaluation budget checked between rounds). ``max_seconds`` counts from
+            :func:`run_tmab`'s ``started_at`` (loading and building included), across resumes.
     """
 
     mode: str = "top"
@@ -150,11 +157,32 @@ class Estimate:
     v_empty: float | None
     stop_reason: str | None  # converged | max_iterations | max_evaluations | max_seconds | stopped
     config: TMABConfig
+    setup_s: float = 0.0  # this session's time before the estimator began (loading, building): within elapsed_s
+    discarded_evaluations: int = 0  # evaluations of a round cut short at the stop (not in ``evaluations``)
+
+
+@dataclass(frozen=True)
+class PassProgress:
+    """Handed to ``on_pass`` after every forward pass: counters only, cheap to make; no checkpoint.
+
+    ``evaluations``, ``rows`` and ``elapsed_s`` include the round in progress, whose work is lost if the run
+    stops before the round ends; ``iterations`` counts whole rounds only.
+    """
+
+    iterations: int
+    evaluations: int
+    rows: int
+    elapsed_s: float
+    round_evaluations: int
+    walks_done: int
+    lanes: int
+    undecided: int  # active players of the round in progress
+    config: TMABConfig
 
 
 @dataclass
 class Progress:
-    """Handed to the progress callback after every round."""
+    """Handed to the progress callback after every round: the one place a checkpoint can be taken."""
 
     estimate: Estimate
     undecided: int
@@ -224,6 +252,8 @@ def run_tmab(
     resume_from: bytes | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_pass: Callable[[PassProgress], None] | None = None,
+    started_at: float | None = None,
 ) -> Estimate:
     """Estimate the Shapley value of every player of ``game``.
 
@@ -235,6 +265,10 @@ def run_tmab(
         on_progress: called after every round (throttle inside if it is costly).
         should_stop: polled between forward passes; returning True ends the run
             with the estimates of the last whole round (``stop_reason="stopped"``).
+        on_pass: called after every forward pass with the counters so far (:class:`PassProgress`; throttle
+            inside); it carries no checkpoint, which exists only at round boundaries (``on_progress``).
+        started_at: ``time.monotonic()`` when the caller's run began (before loading the model): the time
+            since then counts towards ``elapsed_s`` and ``max_seconds``. Default: now.
     """
     config = config or TMABConfig()
     if resume_from is not None:
@@ -253,19 +287,27 @@ def run_tmab(
         config.validate(game.n_players)
         generator = torch.Generator().manual_seed(config.seed)
         state = _State(config, PlayerStats.empty(game.n_players), generator.get_state())
-    return _Runner(game, state, on_progress, should_stop).run()
+    return _Runner(game, state, on_progress, should_stop, on_pass, started_at).run()
 
 
 class _Runner:
-    def __init__(self, game: Game, state: _State, on_progress, should_stop) -> None:
+    def __init__(self, game: Game, state: _State, on_progress, should_stop, on_pass, started_at) -> None:
         self.game, self.state = game, state
         self.cfg = state.config
         self.on_progress = on_progress
+        self.on_pass = on_pass
         self.should_stop = should_stop or (lambda: False)
         self.generator = torch.Generator()
         self.generator.set_state(state.rng)
-        self.started = time.monotonic() - state.elapsed_s
+        t = time.monotonic()
+        self.setup_s = max(0.0, t - started_at) if started_at is not None else 0.0
+        self.started = t - self.setup_s - state.elapsed_s
         self.per_pass = max(1, min(self.cfg.coalitions_per_pass, game.max_coalitions_per_pass))
+        # Measured costs, to start no step that would end past max_seconds' deadline.
+        self.coalition_s: float | None = None
+        self.sample_s: float | None = None
+        self.discarded = 0
+        self._time_up = False
 
     def run(self) -> Estimate:
         active = self._active()
@@ -277,7 +319,7 @@ class _Runner:
             if self.cfg.max_iterations is not None:
                 lanes = min(lanes, self.cfg.max_iterations - self.state.iterations)
             if not self._round(lanes, active):
-                return self._estimate("max_seconds" if self._out_of_time() else "stopped")
+                return self._estimate("max_seconds" if self._time_up else "stopped")
             active = self._active()
             if self.on_progress is not None:
                 self.on_progress(Progress(self._estimate(None), int(active.sum()), self.state))
@@ -299,35 +341,81 @@ class _Runner:
     def _out_of_time(self) -> bool:
         return self.cfg.max_seconds is not None and time.monotonic() - self.started >= self.cfg.max_seconds
 
+    def _time_left(self) -> float:
+        assert self.cfg.max_seconds is not None
+        return self.cfg.max_seconds - (time.monotonic() - self.started)
+
+    def _pass_cap(self, pending_ends: int) -> int | None:
+        """Most coalitions the next pass may hold to end by the deadline; None: no limit; 0: stop now.
+
+        Without a measured cost yet, the first pass is the ends alone (a probe); after that the cost per
+        coalition seen so far decides. Only ``max_seconds`` changes a pass's size, and only near its deadline.
+        """
+        if self.cfg.max_seconds is None:
+            return None
+        left = self._time_left()
+        if left <= 0:
+            return 0
+        if self.coalition_s is None:
+            return pending_ends or 1
+        return int(left / self.coalition_s)
+
     def _round(self, lanes: int, active: torch.Tensor) -> bool:
         """Walk ``lanes`` permutations; commit their marginals, or return False if interrupted."""
         n, cfg = self.game.n_players, self.cfg
+        self._time_up = False
+        if cfg.max_seconds is not None and self.sample_s is not None and self._time_left() < self.sample_s:
+            self._time_up = True  # drawing the round's batches alone would end past the deadline
+            return False
         perms = torch.stack([torch.randperm(n, generator=self.generator) for _ in range(lanes)])
+        t = time.monotonic()
         sample = self.game.sample(self.generator, lanes)
+        self.sample_s = time.monotonic() - t
         rank = torch.empty_like(perms)
         rank.scatter_(1, perms, torch.arange(n).expand(lanes, n))
         walks = [_Walk(perms[lane], active, cfg) for lane in range(lanes)]
+        undecided = int(active.sum())
 
         # The first pass also values the full and the empty coalition of every lane.
         ends = torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)]).repeat(lanes, 1)
         pending_ends = True
         evaluations = rows = 0
         while pending_ends or any(not w.done for w in walks):
-            if self.should_stop() or self._out_of_time():
+            if self._out_of_time():
+                self._time_up = True
+            if self._time_up or self.should_stop():
+                self.discarded = evaluations
                 return False
             open_walks = [lane for lane, w in enumerate(walks) if not w.done]
-            share = max(1, self.per_pass // max(1, len(open_walks)))
+            n_ends = 2 * lanes if pending_ends else 0
+            cap = self._pass_cap(n_ends)
+            room = self.per_pass if cap is None else min(self.per_pass, cap - n_ends)
+            if cap is not None and (cap < n_ends or (room <= 0 and not pending_ends)):
+                self._time_up = True  # the next pass could not end by the deadline
+                self.discarded = evaluations
+                return False
+            if cap is None:
+                counts = [max(1, room // max(1, len(open_walks)))] * len(open_walks)
+            else:  # near the deadline: no more than ``room`` steps in all, the first walks first
+                room = max(0, room)
+                share = room // max(1, len(open_walks))
+                counts = [share + (1 if i < room - share * len(open_walks) else 0) for i in range(len(open_walks))]
             masks, lane_ids, steps_taken = [], [], []
             if pending_ends:
                 masks.append(ends)
                 lane_ids.append(torch.arange(lanes).repeat_interleave(2))
-            for lane in open_walks:
-                steps = walks[lane].next_steps(share)
+            for lane, count in zip(open_walks, counts, strict=True):
+                if count == 0:
+                    continue
+                steps = walks[lane].next_steps(count)
                 steps_taken.append((lane, steps))
                 masks.append(rank[lane].unsqueeze(0) >= steps.unsqueeze(1))
                 lane_ids.append(torch.full((len(steps),), lane))
             masks_t, lane_t = torch.cat(masks), torch.cat(lane_ids)
+            t = time.monotonic()
             values = self.game.evaluate(sample, masks_t, lane_t)
+            cost = (time.monotonic() - t) / max(1, len(values))
+            self.coalition_s = cost if self.coalition_s is None else max(cost, (self.coalition_s + cost) / 2)
             evaluations += len(values)
             rows += len(values) * self.game.rows_per_coalition
             at = 0
@@ -338,6 +426,21 @@ class _Runner:
             for lane, steps in steps_taken:
                 walks[lane].record(steps, values[at : at + len(steps)])
                 at += len(steps)
+            if self.on_pass is not None:
+                st = self.state
+                self.on_pass(
+                    PassProgress(
+                        iterations=st.iterations,
+                        evaluations=st.evaluations + evaluations,
+                        rows=st.rows + rows,
+                        elapsed_s=time.monotonic() - self.started,
+                        round_evaluations=evaluations,
+                        walks_done=sum(w.done for w in walks),
+                        lanes=lanes,
+                        undecided=undecided,
+                        config=cfg,
+                    )
+                )
 
         st = self.state
         for w in walks:
@@ -380,6 +483,7 @@ class _Runner:
                 if status[i] == "decided":
                     status[i] = cfg.mode if i in chosen else "out"
         its = st.iterations
+        elapsed = st.elapsed_s if reason is None else time.monotonic() - self.started
         return Estimate(
             values=mean,
             lower=lower,
@@ -390,11 +494,13 @@ class _Runner:
             iterations=its,
             evaluations=st.evaluations,
             rows=st.rows,
-            elapsed_s=st.elapsed_s,
+            elapsed_s=elapsed,
             v_full=st.v_full_sum / its if its else None,
             v_empty=st.v_empty_sum / its if its else None,
             stop_reason=reason,
             config=cfg,
+            setup_s=self.setup_s,
+            discarded_evaluations=self.discarded if reason is not None else 0,
         )
 
 
