@@ -234,9 +234,11 @@ def _check_files(args: argparse.Namespace) -> None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
+    started_at = time.monotonic()  # --max-seconds counts from here: importing torch, loading and building included
     job_spec = _spec_from_options(args)
     _check_files(args)
     from worker.shapley import ranked_neurons, run_summary, run_tmab  # torch loads here, once the input is known good
+    from worker.shapley.report import no_evidence_message
     from worker.translate import build_game
 
     game, config = build_game(job_spec, args.model, args.data, device=args.device)
@@ -250,18 +252,46 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGINT, on_sigint)
     bar = ProgressBar(sys.stderr, game.n_players)
     try:
-        estimate = run_tmab(game, config, on_progress=bar.update, should_stop=lambda: interrupted)
+        estimate = run_tmab(
+            game,
+            config,
+            on_progress=bar.update,
+            should_stop=lambda: interrupted,
+            on_pass=bar.update_pass,
+            started_at=started_at,
+        )
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
 
     neurons = ranked_neurons(game, estimate)
+    summary = run_summary(game, estimate)
     if args.json:
         json.dump(neurons, sys.stdout)
         sys.stdout.write("\n")
     else:
-        print_table(neurons, run_summary(game, estimate), args.limit, bottom_first=config.mode == "bottom")
+        print_table(neurons, summary, args.limit, bottom_first=config.mode == "bottom")
+    print(stop_line(summary), file=sys.stderr)
+    empty = no_evidence_message(estimate)
+    for warning in summary["warnings"]:
+        if warning != empty:
+            print(f"neuronshap: warning: {warning}", file=sys.stderr)
+    if empty is not None:
+        print(f"neuronshap: error: {empty}", file=sys.stderr)
+        return EXIT_JOB_FAILED
     return 0
+
+
+def stop_line(summary: dict) -> str:
+    """One line on why and where the run stopped, and what its values rest on."""
+    ev = summary["evidence"]
+    return (
+        f"neuronshap: stopped: {summary['stop_reason']} after {summary['elapsed_s']:.1f}s "
+        f"({summary['setup_s']:.1f}s loading and building); {summary['iterations']} permutations, "
+        f"{summary['evaluations']} evaluations; {summary['undecided']}/{summary['players']} undecided; "
+        f"informative samples per neuron: min {ev['informative_min']}, median {ev['informative_median']}, "
+        f"{ev['players_without_information']} neurons with none"
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -423,16 +453,27 @@ class ProgressBar:
         self.drawn = False
 
     def update(self, progress) -> None:
+        """After a round (a :class:`worker.shapley.Progress`)."""
+        est = progress.estimate
+        self._draw(progress.undecided, est.iterations, est.evaluations, est.elapsed_s, est.config)
+
+    def update_pass(self, progress) -> None:
+        """After a forward pass within a round (a :class:`worker.shapley.PassProgress`)."""
+        p = progress
+        self._draw(p.undecided, p.iterations, p.evaluations, p.elapsed_s, p.config)
+
+    def _draw(self, undecided: int, iterations: int, evaluations: int, elapsed_s: float, config) -> None:
         now = time.monotonic()
         if now - self.last < (0.1 if self.tty else 5.0):
             return
         self.last = now
-        est = progress.estimate
-        decided = self.players - progress.undecided
+        decided = self.players - undecided
         filled = round(self.width * decided / self.players)
+        eta = _eta(config, elapsed_s, iterations, evaluations)
         line = (
             f"[{'#' * filled}{'.' * (self.width - filled)}] {decided}/{self.players} decided | "
-            f"{est.iterations} permutations | {est.evaluations} evaluations | {est.elapsed_s:.1f}s"
+            f"{iterations} permutations | {evaluations} evaluations | {elapsed_s:.1f}s"
+            + (f" | eta {eta:.0f}s" if eta is not None else "")
         )
         self.stream.write(f"\r{line}\033[K" if self.tty else line + "\n")
         self.stream.flush()
@@ -442,6 +483,13 @@ class ProgressBar:
         if self.tty and self.drawn:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _eta(config, elapsed_s: float, iterations: int, evaluations: int) -> float | None:
+    """Seconds to the nearest budget (as the service's ``eta_s``); None without one."""
+    from worker.shapley.report import eta_s
+
+    return eta_s(config, elapsed_s, iterations, evaluations)
 
 
 def print_table(neurons: list[dict], summary: dict, limit: int, bottom_first: bool) -> None:

@@ -54,6 +54,9 @@ from worker.shapley import (
     run_tmab,
 )
 from worker.shapley.errors import DataError, ModelError, SpecError
+from worker.shapley.report import eta_s as _eta
+from worker.shapley.report import no_evidence_message
+from worker.shapley.tmab import PassProgress
 from worker.translate import build_game
 
 log = logging.getLogger(__name__)
@@ -83,14 +86,21 @@ def run_job(
         return None
     reporter = _Reporter(job_id, settings, bus, db, lease, should_exit or (lambda: False))
     with lease.kept():
+        started_at = time.monotonic()  # max_seconds counts from here: loading and building are part of the run
         try:
             with tempfile.TemporaryDirectory(prefix="neuronshap-") as tmp:
                 game, config = _build(job, settings, Path(tmp))
             checkpoint = patient(lambda: _checkpoint(db, job_id))
             resume = checkpoint.state if checkpoint is not None else None
-            reporter.start(game, config)
+            reporter.start(game, config, started_at, resume is not None)
             estimate = run_tmab(
-                game, config, resume_from=resume, on_progress=reporter.on_progress, should_stop=reporter.should_stop
+                game,
+                config,
+                resume_from=resume,
+                on_progress=reporter.on_progress,
+                should_stop=reporter.should_stop,
+                on_pass=reporter.on_pass,
+                started_at=started_at,
             )
         except UNAVAILABLE:
             raise  # an outage longer than our patience: the lease expires and a reconciler sends the job again
@@ -117,6 +127,14 @@ def run_job(
         if estimate.stop_reason == "stopped" and reporter.exiting:
             reporter.save_checkpoint()  # the worker is shutting down: keep the work done so far, hand the job back
             return patient(lambda: _in(db, lambda session: lifecycle.hand_back(session, bus, lease.lease)))
+        empty = no_evidence_message(estimate)
+        if empty is not None and estimate.stop_reason != "stopped":
+            # Nothing was measured: a success would hand pipelines a list of placeholder zeros (docs/API.md).
+            error = {"type": "no-evidence", "title": "The run gathered no evidence", "detail": empty}
+            log.warning("job %s: %s", job_id, empty)
+            return patient(lambda: _in(db, lambda session: lifecycle.fail(session, bus, lease.lease, error)))
+        for warning in run_summary(game, estimate)["warnings"]:
+            log.warning("job %s: %s", job_id, warning)
         neurons = ranked_neurons(game, estimate)
         summary = run_summary(game, estimate) | {
             "publish_s": reporter.publish_s,
@@ -243,16 +261,70 @@ class _Reporter:
     game: NeuronGame | None = None
     config: TMABConfig | None = None
     last: Progress | None = None
+    setup_s: float = 0.0
+    _neurons: list = field(default_factory=list)  # the last round's ranked neurons, shown while a round runs
     publish_s: float = 0.0  # time spent building and publishing live state: the cost the service adds to a run
     checkpoints: int = 0
     exiting: bool = False
     cancelled: bool = False
     _published_at: float = 0.0
+    _counted_at: float = 0.0
     _checkpointed_at: float = field(default_factory=time.monotonic)
     _polled_at: float = 0.0
 
-    def start(self, game: NeuronGame, config: TMABConfig) -> None:
+    def start(self, game: NeuronGame, config: TMABConfig, started_at: float, resuming: bool = False) -> None:
         self.game, self.config = game, config
+        self.setup_s = time.monotonic() - started_at
+        if not resuming:  # a resumed job shows its checkpoint's progress until its first pass
+            self._publish_counters(0, 0, 0, self.setup_s, game.n_players, config)
+
+    def on_pass(self, p: PassProgress) -> None:
+        """Counters within a round (no checkpoint here), at most once per publish interval."""
+        t = time.monotonic()
+        if t - max(self._published_at, self._counted_at) < self.settings.publish_interval_s:
+            return
+        self._counted_at = t  # its own clock: a round's publish (with bounds) is never crowded out by these
+        assert self.game is not None
+        self._publish_counters(
+            p.iterations, p.evaluations, p.round_evaluations, p.elapsed_s, p.undecided, p.config, live_last=True
+        )
+        self.publish_s += time.monotonic() - t
+
+    def _publish_counters(
+        self,
+        iterations: int,
+        evaluations: int,
+        round_evaluations: int,
+        elapsed_s: float,
+        undecided: int,
+        config: TMABConfig,
+        live_last: bool = False,
+    ) -> None:
+        assert self.game is not None
+        last = self.last.estimate if self.last is not None else None
+        progress_now = ProgressView(
+            iterations=iterations,
+            evaluations=evaluations,
+            players=self.game.n_players,
+            undecided=undecided,
+            v_full=last.v_full if last is not None else None,
+            v_empty=last.v_empty if last is not None else None,
+            elapsed_s=round(elapsed_s, 3),
+            eta_s=_eta(config, elapsed_s, iterations, evaluations),
+            round_evaluations=round_evaluations,
+            setup_s=round(self.setup_s, 3),
+        ).model_dump()
+        live = {
+            "state": JobState.CANCELLING if self.cancelled else JobState.RUNNING,
+            "progress": progress_now,
+            "neurons": self._neurons if live_last else [],
+            "updated_at": now().isoformat(),
+        }
+        try:
+            self.bus.set_live(self.job_id, live)
+            self.bus.publish(self.job_id, "progress", progress_now)
+        except Exception as exc:  # the live view is best effort; the run goes on
+            log.warning("job %s: live state not published: %s", self.job_id, exc)
 
     def on_progress(self, progress: Progress) -> None:
         self.last = progress
@@ -270,6 +342,7 @@ class _Reporter:
         assert self.game is not None and self.config is not None, "publish() before start()"
         estimate = progress.estimate
         neurons = ranked_neurons(self.game, estimate)
+        self._neurons = neurons
         progress_now = self.progress_dict(estimate, progress.undecided)
         live = {
             "state": JobState.CANCELLING if self.cancelled else JobState.RUNNING,
@@ -332,20 +405,6 @@ class _Reporter:
             v_full=estimate.v_full,
             v_empty=estimate.v_empty,
             elapsed_s=round(estimate.elapsed_s, 3),
-            eta_s=_eta(estimate),
+            eta_s=_eta(estimate.config, estimate.elapsed_s, estimate.iterations, estimate.evaluations),
+            setup_s=round(self.setup_s, 3),
         ).model_dump()
-
-
-def _eta(estimate: Estimate) -> float | None:
-    """Time left until the nearest budget, at the rate so far; None without a budget (convergence has no ETA)."""
-    if estimate.iterations == 0 or estimate.elapsed_s <= 0:
-        return None
-    config = estimate.config
-    left = []
-    if config.max_seconds is not None:
-        left.append(config.max_seconds - estimate.elapsed_s)
-    if config.max_iterations is not None:
-        left.append(estimate.elapsed_s * (config.max_iterations - estimate.iterations) / estimate.iterations)
-    if config.max_evaluations is not None and estimate.evaluations:
-        left.append(estimate.elapsed_s * (config.max_evaluations - estimate.evaluations) / estimate.evaluations)
-    return round(max(0.0, min(left)), 1) if left else None

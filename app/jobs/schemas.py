@@ -26,6 +26,11 @@ class Progress(BaseModel):
     v_empty: float | None = None
     elapsed_s: float = 0.0
     eta_s: float | None = None
+    round_evaluations: int = Field(
+        0,
+        description="evaluations of the round in progress, included in `evaluations`; lost if the run stops mid-round",
+    )
+    setup_s: float = Field(0.0, description="seconds the latest worker spent loading the model and building the game")
 
 
 class JobError(BaseModel):
