@@ -95,15 +95,19 @@ def onnx_to_graph_module(source: str | os.PathLike | bytes) -> torch.fx.GraphMod
     """
     model, label = _load(source)
     _validate(model, label)
+    # Every later step works on the graph without its large weights, which
+    # go straight to the builder: onnx's tools serialize whatever they get.
+    model, heavy = _weightless(model)
+    weights = {t.name for t in heavy}
+    _validate_io(model, label, weights)
     upgraded_from = None
     opset = _opset(model)
     if opset is not None and opset < _MIN_OPSET:
         model = _upgrade(model, label, opset)
         upgraded_from = opset
     _validate_ops(model, label)
-    _validate_io(model, label)
-    batch_reshapes, flatten_output = _free_batch(model)
-    gm = _Builder(model).build()
+    batch_reshapes, flatten_output = _free_batch(model, weights)
+    gm = _Builder(model, heavy).build()
     gm.meta["onnx_opset"] = _opset(model)
     if upgraded_from is not None:
         gm.meta["onnx_upgraded_from_opset"] = upgraded_from
@@ -189,9 +193,9 @@ def _validate_ops(model: onnx.ModelProto, label: str) -> None:
         )
 
 
-def _validate_io(model: onnx.ModelProto, label: str) -> None:
+def _validate_io(model: onnx.ModelProto, label: str, weights: set[str]) -> None:
     graph = model.graph
-    initializers = {t.name for t in graph.initializer}
+    initializers = {t.name for t in graph.initializer} | weights
     inputs = [i.name for i in graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise ModelError(
@@ -228,7 +232,7 @@ def _upgrade(model: onnx.ModelProto, label: str, opset: int) -> onnx.ModelProto:
     return upgraded
 
 
-def _free_batch(model: onnx.ModelProto) -> tuple[int, bool]:
+def _free_batch(model: onnx.ModelProto, weights: set[str]) -> tuple[int, bool]:
     """Make a batch dimension fixed at 1 symbolic; say whether the output needs flattening.
 
     Old exporters (Caffe2, the ONNX Model Zoo) fix the batch at 1 and write
@@ -244,7 +248,7 @@ def _free_batch(model: onnx.ModelProto) -> tuple[int, bool]:
     """
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    (real_input,) = [i for i in graph.input if i.name not in initializers]
+    (real_input,) = [i for i in graph.input if i.name not in initializers and i.name not in weights]
     dims = real_input.type.tensor_type.shape.dim
     # Only a batch the file fixes at 1 is freed: where it is already symbolic,
     # a Reshape to [1, ...] is the author's choice (and mixes examples).
@@ -271,7 +275,7 @@ def _free_batch(model: onnx.ModelProto) -> tuple[int, bool]:
                 new[0] = -1
             else:
                 continue
-            name = _fresh_name(f"{node.input[1]}_batch", initializers)
+            name = _fresh_name(f"{node.input[1]}_batch", initializers.keys() | weights)
             tensor = onnx.numpy_helper.from_array(new, name)
             initializers[name] = tensor
             graph.initializer.append(tensor)
@@ -287,24 +291,49 @@ def _free_batch(model: onnx.ModelProto) -> tuple[int, bool]:
     return rewritten, flatten
 
 
+def _weightless(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A copy without the large float weights (typed graph inputs instead), and those weights.
+
+    onnx's checker, version converter and shape inference serialize the whole
+    model; without its weights they take milliseconds instead of seconds.
+    Small and integer tensors (shapes, axes) stay, since those tools read them.
+    """
+    graph = model.graph
+    light = onnx.ModelProto()
+    light.ir_version, light.producer_name, light.producer_version = (
+        model.ir_version,
+        model.producer_name,
+        model.producer_version,
+    )
+    light.domain, light.model_version, light.doc_string = model.domain, model.model_version, model.doc_string
+    light.opset_import.extend(model.opset_import)
+    light.metadata_props.extend(model.metadata_props)
+    light.functions.extend(model.functions)
+    g = light.graph
+    g.name, g.doc_string = graph.name, graph.doc_string
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    inputs = {i.name for i in graph.input}
+    heavy = []
+    for t in graph.initializer:
+        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or math.prod(t.dims) <= 1024:
+            g.initializer.append(t)
+            continue
+        heavy.append(t)
+        if t.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light, heavy
+
+
 def _shape_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without its large float weights (typed inputs instead), for cheap shape inference."""
-    light = copy.deepcopy(model)
-    inputs = {i.name for i in light.graph.input}
-    keep = []
-    for t in light.graph.initializer:
-        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or math.prod(t.dims) <= 16:
-            keep.append(t)
-        elif t.name not in inputs:
-            light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    del light.graph.initializer[:]
-    light.graph.initializer.extend(keep)
+    """The model without its large weights and recorded shapes, for cheap shape inference."""
+    light, _ = _weightless(model)
     # Shapes the exporter recorded hold the fixed batch; infer them afresh.
     del light.graph.value_info[:]
     for o in light.graph.output:
         o.type.tensor_type.ClearField("shape")
-    if light.ir_version < 4:  # IR 3 requires every initializer to be a graph input; theirs already are
-        light.ir_version = 4
     return light
 
 
@@ -342,7 +371,7 @@ def _opset(model: onnx.ModelProto) -> int | None:
 class _Builder:
     """Walks the ONNX nodes in order and emits FX nodes for each."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, weights: Sequence[onnx.TensorProto] = ()) -> None:
         self.onnx_graph = model.graph
         opset = _opset(model)
         assert opset is not None, "_validate refuses a model without a default-domain opset"
@@ -352,7 +381,7 @@ class _Builder:
         self.env: dict[str, torch.fx.Node] = {}
         # Values known at load time (initializers, Constant outputs).  Ops read
         # shapes, axes and pads from here; they become buffers only when used.
-        self.consts: dict[str, torch.Tensor] = {t.name: _to_tensor(t) for t in model.graph.initializer}
+        self.consts: dict[str, torch.Tensor] = {t.name: _to_tensor(t) for t in [*model.graph.initializer, *weights]}
         self.initializers = set(self.consts)
         # For a constant computed at load time (a Reshape of a weight, a
         # ConstantOfShape fill), the name of the weight it came from.

@@ -1,0 +1,161 @@
+"""The ONNX Model Zoo networks that ship inside the onnx wheel, loaded as users have them.
+
+They are opset 9 (IR 3, initializers listed among the inputs), fix the batch
+at 1, use ConstantOfShape, Sum and LRN, and two end in ``[N, C, 1, 1]``.
+Their weights are ConstantOfShape fills (0.02 everywhere), so each test gives
+them seeded random weights of the same shapes and checks the converted module
+against onnxruntime running the same file one image at a time (the file's
+batch of 1), which also proves that freeing the batch is exact.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from onnx import numpy_helper
+
+from worker.shapley.loading import load_model
+from worker.shapley.onnx_import import onnx_to_graph_module
+from worker.shapley.players import find_layers, select_layers
+
+ZOO = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+MODELS = [
+    "bvlc_alexnet",
+    "densenet121",
+    "inception_v1",
+    "inception_v2",
+    "resnet50",
+    "shufflenet",
+    "squeezenet",
+    "vgg19",
+    "zfnet512",
+]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not ZOO.is_dir(), reason="this onnx wheel ships no model zoo test data"),
+]
+
+
+def _randomized(name: str, path: Path) -> Path:
+    """The shipped graph with every weight (initializer or ConstantOfShape fill) seeded random."""
+    model = onnx.load(str(ZOO / f"light_{name}.onnx"))
+    graph = model.graph
+    rng = np.random.default_rng(0)
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    weights: dict[str, tuple[int, ...]] = {}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "ConstantOfShape" and node.input[0] in inits:
+            weights[node.output[0]] = tuple(int(d) for d in inits[node.input[0]])
+        else:
+            kept.append(node)
+    for t in graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT:
+            weights[t.name] = tuple(t.dims)
+    role: dict[str, str] = {}
+    for node in kept:
+        if node.op_type == "BatchNormalization":
+            role.update(zip(node.input[1:5], ["bn_scale", "bn_bias", "bn_mean", "bn_var"], strict=False))
+        elif node.op_type in ("Conv", "Gemm"):
+            role[node.input[1]] = "weight"
+    values = {}
+    for wname, shape in weights.items():
+        kind = role.get(wname)
+        if kind == "weight" and len(shape) >= 2:  # He scaling keeps 100-layer activations in range
+            fan_in = math.prod(shape[1:]) if len(shape) > 2 else min(shape)
+            v = rng.standard_normal(shape, dtype=np.float32)
+            v *= np.float32(math.sqrt(2.0 / fan_in))
+        elif kind in ("bn_scale", "bn_var"):
+            v = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        else:
+            v = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.05)
+        values[wname] = v
+    del graph.node[:]
+    graph.node.extend(kept)
+    ints = [t for t in graph.initializer if t.data_type != onnx.TensorProto.FLOAT and t.name not in weights]
+    used = {i for n in kept for i in n.input}
+    ints = [t for t in ints if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(ints + [numpy_helper.from_array(v, k) for k, v in values.items()])
+    names = {t.name for t in graph.initializer}
+    real_input = [i for i in graph.input if i.name not in inits]
+    typed = {i.name: i for i in graph.input}
+    del graph.input[:]
+    graph.input.extend(real_input)
+    for t in graph.initializer:  # IR 3: every initializer is also a graph input
+        if t.name in typed:
+            graph.input.append(typed[t.name])
+        else:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    assert names
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def zoo(request, tmp_path_factory):
+    name = request.param
+    path = _randomized(name, tmp_path_factory.mktemp("zoo") / f"{name}.onnx")
+    start = time.perf_counter()
+    gm = load_model(path)
+    seconds = time.perf_counter() - start
+    return name, path, gm, seconds
+
+
+def test_matches_onnxruntime_at_other_batch_sizes(zoo):
+    name, path, gm, _ = zoo
+    assert gm.meta["onnx_upgraded_from_opset"] == 9
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    x = np.random.default_rng(1).standard_normal((3, 3, 224, 224)).astype(np.float32)
+    expected = np.concatenate([session.run(None, {input_name: x[i : i + 1]})[0] for i in range(3)])
+    expected = expected.reshape(3, -1)  # [N, C, 1, 1] scores are flattened by load_model
+    with torch.no_grad():
+        for batch in (2, 3):
+            got = gm(torch.from_numpy(x[:batch])).numpy()
+            assert got.shape == expected[:batch].shape
+            np.testing.assert_array_equal(got.argmax(1), expected[:batch].argmax(1))
+            scale = np.abs(expected).max()
+            np.testing.assert_allclose(got, expected[:batch], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_default_players_are_every_channel_but_the_classifier(zoo):
+    name, path, gm, _ = zoo
+    # Output channels of every Conv/Gemm from ONNX shape inference, independent of the converter.
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(ZOO / f"light_{name}.onnx")))  # the light original
+    dims = {
+        vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        for vi in [*inferred.graph.value_info, *inferred.graph.output]
+    }
+    outs = [dims[n.output[0]][1] for n in inferred.graph.node if n.op_type in ("Conv", "Gemm")]
+    layers = find_layers(gm)
+    assert [layer.size for layer in layers] == outs
+    assert [layer.name for layer in layers if layer.produces_output] == [layers[-1].name]
+    assert sum(layer.size for layer in select_layers(layers, None)) == sum(outs) - outs[-1]
+    if name == "inception_v1":  # its classifier's weight passes through a Reshape
+        assert sum(outs) - outs[-1] == 7280
+        assert layers[-1].name == "loss3/classifier"
+
+
+def test_layer_names_are_the_weight_names():
+    gm = onnx_to_graph_module(ZOO / "light_squeezenet.onnx")
+    layers = find_layers(gm)
+    names = [layer.name for layer in layers]
+    assert names[:3] == ["conv1", "fire2/squeeze1x1", "fire2/expand1x1"]
+    assert [layer.name for layer in select_layers(layers, ["fire9/*"])] == [
+        "fire9/squeeze1x1",
+        "fire9/expand1x1",
+        "fire9/expand3x3",
+    ]
+    # Caffe2's device scope, shared by every layer, is dropped.
+    resnet = [layer.name for layer in find_layers(onnx_to_graph_module(ZOO / "light_resnet50.onnx"))]
+    assert resnet[:2] == ["conv1", "res2_0_branch2a"] and resnet[-1] == "pred"
