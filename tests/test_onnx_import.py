@@ -289,6 +289,22 @@ OP_CASES = {
         {"p": np.float32(2)}, 20, (2, 5)),
     "constant-node": (
         [N("Constant", [], ["c"], value_floats=[1.0, 2.0, 3.0]), N("Mul", ["x", "c"], ["y"])], {}, 13, (2, 3)),
+    "constantofshape-runtime-shape": (
+        [N("Shape", ["x"], ["s"]), N("ConstantOfShape", ["s"], ["c"], value=helper.make_tensor("v", 1, [1], [1.5])),
+         N("Add", ["x", "c"], ["y"])], {}, 13, (2, 3, 4)),
+    "constantofshape-default-zero": (
+        [N("ConstantOfShape", ["sh"], ["c"]), N("Add", ["x", "c"], ["y"])], {"sh": _i64(3, 4)}, 9, (2, 3, 4)),
+    "constantofshape-weight-folded": (  # the ONNX Model Zoo's weights are fills like this one
+        [N("ConstantOfShape", ["ws"], ["w_0"], value=helper.make_tensor("v", 1, [1], [0.02])),
+         N("Conv", ["x", "w_0"], ["y"])], {"ws": _i64(4, 3, 3, 3)}, 9, (2, 3, 7, 7)),
+    "sum-three-broadcast": ([N("Sum", ["x", "a", "x"], ["y"])], {"a": _rand(4)}, 13, (2, 3, 4)),
+    "sum-one": ([N("Sum", ["x"], ["y"])], {}, 8, (2, 3)),
+    "lrn-odd": ([N("LRN", ["x"], ["y"], size=5, alpha=1e-2, beta=0.75, bias=2.0)], {}, 13, (2, 7, 4, 3)),
+    "lrn-defaults": ([N("LRN", ["x"], ["y"], size=3)], {}, 13, (2, 6, 3, 3)),  # onnxruntime: odd size, 4-D only
+    "lrn-opset9-wide": ([N("LRN", ["x"], ["y"], size=7, alpha=0.5, beta=1.5)], {}, 9, (2, 5, 4, 2)),
+    "weight-behind-reshape": (  # Inception v1's classifier: Gemm whose B is a reshaped constant
+        [N("Reshape", ["gw", "gs"], ["w"]), N("Gemm", ["x", "w", "gc"], ["y"], transB=1)],
+        {"gw": _rand(4, 5, 1, 1), "gs": _i64(4, 5), "gc": _rand(4)}, 9, (3, 5)),
 }
 # fmt: on
 
@@ -393,3 +409,68 @@ def test_rejects_several_inputs_or_outputs():
     two_out = _model([N("Relu", ["x"], ["y"]), N("Neg", ["x"], ["n"])])
     two_out.graph.output.append(helper.make_tensor_value_info("n", TensorProto.FLOAT, None))
     _raises(two_out.SerializeToString(), "2 outputs (y, n)", "single tensor")
+
+
+def test_folded_weight_is_a_layer_named_after_the_weight():
+    nodes = [
+        N("ConstantOfShape", ["ws"], ["conv1_w_0"], value=helper.make_tensor("v", 1, [1], [0.02])),
+        N("Conv", ["x", "conv1_w_0"], ["c"]),
+        N("Flatten", ["c"], ["f"]),
+        N("Reshape", ["fc_w_0", "gs"], ["w"]),
+        N("Gemm", ["f", "w", "fc_b_0"], ["y"], transB=1),
+    ]
+    consts = {"ws": _i64(4, 3, 3, 3), "fc_w_0": _rand(2, 4 * 25, 1), "gs": _i64(2, 100), "fc_b_0": _rand(2)}
+    gm = onnx_to_graph_module(_model(nodes, consts, 9, (1, 3, 7, 7)).SerializeToString())
+    assert gm.meta["onnx_upgraded_from_opset"] == 9
+    sites = {n.meta["layer"]: n.meta["layer_kind"] for n in gm.graph.nodes if "layer" in n.meta}
+    assert sites == {"conv1": "conv", "fc": "linear"}
+
+
+def test_batch_fixed_at_one_is_freed_only_where_provable():
+    # [1, 3, 4, 4] input, Reshape to [1, 48] before the classifier (Caffe2 style): the 1 is the batch.
+    nodes = [
+        N("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        N("Reshape", ["c", "sh"], ["r"]),
+        N("Gemm", ["r", "gw", "gb"], ["y"], transB=1),
+    ]
+    consts = {**W, "sh": _i64(1, 64), "gw": _rand(5, 64), "gb": _rand(5)}
+    model = _model(nodes, consts, 11, (1, 3, 4, 4))
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    gm = onnx_to_graph_module(model.SerializeToString())
+    assert gm.meta["onnx_batch_reshapes_rewritten"] == 1
+    x = _rand(3, 3, 4, 4)
+    expected = np.concatenate([session.run(None, {"x": x[i : i + 1]})[0] for i in range(3)])
+    with torch.no_grad():
+        np.testing.assert_allclose(gm(torch.from_numpy(x)).numpy(), expected, atol=ATOL, rtol=1e-5)
+    # With a symbolic batch, Reshape(x, [1, -1]) is the author's (it merges the batch): kept as written.
+    merge = _model([N("Reshape", ["x", "sh"], ["y"])], {"sh": _i64(1, -1)}, 13, ("n", 3))
+    gm = onnx_to_graph_module(merge.SerializeToString())
+    assert gm.meta["onnx_batch_reshapes_rewritten"] == 0
+    assert gm(torch.zeros(4, 3)).shape == (1, 12)
+
+
+def test_upgrade_failure_names_a_fix_on_the_file(monkeypatch):
+    import onnx.version_converter
+
+    def fail(model, version):
+        raise RuntimeError("No adapter for op Upsample")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", fail)
+    model = _model([N("Relu", ["x"], ["y"])], {}, 9, (2, 3))
+    _raises(model.SerializeToString(), "opset 9", "No adapter for op Upsample", "convert_version(onnx.load(")
+
+
+def test_lrn_even_size_follows_the_onnx_window():
+    # onnxruntime only runs odd sizes; the ONNX spec's window for channel c is
+    # [c - floor((size-1)/2), c + ceil((size-1)/2)], which torch centres the other way for even sizes.
+    size, alpha, beta, bias = 4, 0.3, 0.75, 1.5
+    x = _rand(2, 6, 3, 3)
+    expected = np.empty_like(x)
+    for c in range(6):
+        lo, hi = max(0, c - (size - 1) // 2), min(5, c + size // 2)
+        square_sum = (x[:, lo : hi + 1] ** 2).sum(1)
+        expected[:, c] = x[:, c] / (bias + alpha / size * square_sum) ** beta
+    model = _model([N("LRN", ["x"], ["y"], size=size, alpha=alpha, beta=beta, bias=bias)], {}, 13, x.shape)
+    with torch.no_grad():
+        got = onnx_to_graph_module(model.SerializeToString())(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
