@@ -66,7 +66,7 @@ from app.core.db import migrate
 from bench.bench_estimator import machine_lines, out, section, table
 from examples.digits import DigitsCNN, export_onnx, load_digits_split, save_eval_npz, train
 from neuronshap.client import Client
-from tests.harness.services import REDIS_URL, namespace, postgres_schema
+from tests.harness.services import full_settings, namespace, postgres_schema
 from tests.harness.stacks import api_process, settings_env, worker_process
 
 LONG_SPEC = {
@@ -153,15 +153,7 @@ def full_stack(tmp: Path) -> Iterator[Deployment]:
     ns = namespace()
     try:
         with postgres_schema() as database_url:
-            settings = Settings(
-                data_dir=tmp,
-                database_url=database_url,
-                broker_url=REDIS_URL,
-                redis_url=REDIS_URL,
-                blob_dir=tmp / "blobs",
-                migrate_on_start=False,
-                **ns.settings(),
-            )
+            settings = full_settings(tmp, database_url, ns)
             migrate(database_url)
             with (
                 worker_process(settings, tmp / "worker.log") as worker,

@@ -68,7 +68,6 @@ from pathlib import Path
 import httpx
 from sqlalchemy import func, select
 
-from app.core.config import Settings
 from app.core.db import migrate, session_factory
 from app.jobs.models import Job, JobAblation, JobCheckpoint, JobNeuron
 from app.keys.service import create_key
@@ -76,7 +75,7 @@ from bench.bench_estimator import machine_lines, out, section, table
 from examples.digits import export_onnx, load_digits_split, save_eval_npz, train
 from neuronshap.client import Client, ServiceError
 from tests.harness.models import TinyCNN, seeded
-from tests.harness.services import REDIS_URL, namespace, postgres_schema
+from tests.harness.services import full_settings, namespace, postgres_schema
 from tests.harness.stacks import api_process, settings_env, worker_process
 
 TENANTS = ("alpha", "beta", "gamma", "delta")
@@ -404,13 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         cleanup.callback(ns.drop)
         tmp = Path(tmp_name)
         model, data = write_fixture(tmp)
-        settings = Settings(
-            data_dir=tmp,
-            database_url=database_url,
-            broker_url=REDIS_URL,
-            redis_url=REDIS_URL,
-            blob_dir=tmp / "blobs",
-            migrate_on_start=False,
+        settings = full_settings(
+            tmp,
+            database_url,
+            ns,
             require_api_keys=True,
             max_active_jobs_per_tenant=scale.jobs,
             lease_s=3,
@@ -418,7 +414,6 @@ def main(argv: list[str] | None = None) -> int:
             requeue_after_s=10,
             checkpoint_interval_s=1,
             cancel_poll_s=0.5,
-            **ns.settings(),
         )
         migrate(database_url)
         with session_factory(database_url)() as session:

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.harness.jobs import QUICK
+from tests.harness.jobs import QUICK, exact_run
 from tests.harness.stacks import ROOT, serve
 
 pytestmark = pytest.mark.service  # a served API: `neuronshap serve` as a process
@@ -74,17 +74,7 @@ def test_submit_wait_status_and_neurons_against_a_running_service(tmp_path, tiny
 
 @pytest.mark.slow
 def test_stopping_the_service_mid_job_resumes_it_to_the_uninterrupted_result(tmp_path, tiny_cnn):
-    spec = {
-        "metric": {"name": "accuracy"},
-        "estimator": {
-            "mode": "all",
-            "half_width": 1e-6,
-            "truncation": 0,
-            "max_iterations": 800,
-            "seed": 7,
-            "batch_size": 32,
-        },
-    }
+    spec = exact_run(7, max_iterations=800)
     files = {
         "model": (tiny_cnn.onnx.name, tiny_cnn.onnx.read_bytes()),
         "data": (tiny_cnn.npz.name, tiny_cnn.npz.read_bytes()),

@@ -29,7 +29,7 @@ from app.jobs.models import JobNeuron
 from app.main import create_app
 from neuronshap.client import Client
 from tests.harness import stacks
-from tests.harness.jobs import post_job
+from tests.harness.jobs import exact_run, post_job
 from tests.harness.services import REDIS_URL, namespace, postgres_schema
 from tests.harness.stacks import free_port
 
@@ -90,17 +90,7 @@ def test_a_job_survives_a_redis_restart(tmp_path, tiny_cnn):
                 **stacks.FAST,
             )
             migrate(url)
-            spec = {
-                "metric": {"name": "accuracy"},
-                "estimator": {
-                    "mode": "all",
-                    "half_width": 1e-6,
-                    "truncation": 0,
-                    "max_iterations": 1500,
-                    "seed": 2,
-                    "batch_size": 32,
-                },
-            }
+            spec = exact_run(2, max_iterations=1500)
             with stacks.worker_process(settings, tmp_path / "worker.log"), TestClient(create_app(settings)) as client:
                 stack = stacks.Stack("full", settings, client, tmp_path / "worker.log")
                 job = post_job(client, tiny_cnn, spec).json()
@@ -188,17 +178,7 @@ def test_a_job_survives_a_postgres_restart(tmp_path, tiny_cnn):
         env = stacks.settings_env(settings) | {"NEURONSHAP_MIGRATE_ON_START": "false"}
         worker_log = tmp_path / "worker.log"
         # Long enough to be running when the database goes; short enough to end while it is still down.
-        spec = {
-            "metric": {"name": "accuracy"},
-            "estimator": {
-                "mode": "all",
-                "half_width": 1e-6,
-                "truncation": 0,
-                "max_seconds": 4,
-                "seed": 2,
-                "batch_size": 32,
-            },
-        }
+        spec = exact_run(2, max_seconds=4)
         with stacks.worker_process(settings, worker_log), stacks.api_process(env, tmp_path / "api.log") as (url, _):
             client = Client(url)
             job = client.submit(tiny_cnn.onnx, tiny_cnn.npz, json.dumps(spec))

@@ -26,7 +26,7 @@ from app.core.queue import CeleryQueue
 from app.jobs.models import Job, JobCheckpoint
 from app.jobs.recovery import reconcile
 from tests.harness import stacks
-from tests.harness.jobs import submit
+from tests.harness.jobs import exact_run, submit
 from worker.runner import run_job
 
 RECOVER_FAST = {
@@ -36,17 +36,7 @@ RECOVER_FAST = {
     "checkpoint_interval_s": 0.2,
     "publish_interval_s": 0.1,
 }
-SPEC = {
-    "metric": {"name": "accuracy"},
-    "estimator": {
-        "mode": "all",
-        "half_width": 1e-6,
-        "truncation": 0,
-        "max_iterations": 800,
-        "seed": 5,
-        "batch_size": 32,
-    },
-}
+SPEC = exact_run(5, max_iterations=800)
 
 
 @pytest.fixture

@@ -19,6 +19,14 @@ LONG = {
 File = tuple[str, bytes]
 
 
+def exact_run(seed: int, **budget: float) -> dict:
+    """A spec whose result is a function of its seed alone (mode all, a half-width no run reaches, no truncation):
+    runs to its ``budget`` (``max_iterations=800``, ``max_seconds=4``…), so an interrupted and resumed run can be
+    compared with an uninterrupted one, bit for bit."""
+    estimator = {"mode": "all", "half_width": 1e-6, "truncation": 0, **budget, "seed": seed, "batch_size": 32}
+    return {"metric": {"name": "accuracy"}, "estimator": estimator}
+
+
 def post_job(
     client,
     saved: Saved | None = None,

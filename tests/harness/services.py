@@ -25,9 +25,12 @@ import secrets
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 from sqlalchemy import create_engine, text
+
+from app.core.config import Settings
 
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS = "redis://127.0.0.1:6379"
@@ -110,3 +113,17 @@ def postgres_schema() -> Iterator[str]:
         with admin.begin() as conn:
             conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+def full_settings(tmp: Path, database_url: str, ns: Namespace, **overrides: object) -> Settings:
+    """The settings of a full stack: PostgreSQL at ``database_url``, Redis as broker and bus under ``ns``, the blob
+    store in ``tmp``, migrations run by the caller."""
+    return Settings(
+        data_dir=tmp,
+        database_url=database_url,
+        broker_url=REDIS_URL,
+        redis_url=REDIS_URL,
+        blob_dir=tmp / "blobs",
+        migrate_on_start=False,
+        **(ns.settings() | overrides),
+    )

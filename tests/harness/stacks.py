@@ -27,7 +27,7 @@ from app.core.config import Settings
 from app.core.db import migrate
 from app.main import create_app
 from neuronshap.server import create_server_app
-from tests.harness.services import REDIS_URL, namespace, postgres_schema
+from tests.harness.services import full_settings, namespace, postgres_schema
 
 FAST = {"publish_interval_s": 0.2, "cancel_poll_s": 0.2, "checkpoint_interval_s": 1.0}
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,15 +67,7 @@ def full(tmp: Path, *, worker: bool = True, **overrides) -> Iterator[Stack]:
     ns = namespace()
     try:
         with postgres_schema() as database_url:
-            settings = Settings(
-                data_dir=tmp,
-                database_url=database_url,
-                broker_url=REDIS_URL,
-                redis_url=REDIS_URL,
-                blob_dir=tmp / "blobs",
-                migrate_on_start=False,
-                **(FAST | ns.settings() | overrides),
-            )
+            settings = full_settings(tmp, database_url, ns, **(FAST | overrides))
             migrate(database_url)
             log = tmp / "worker.log"
             with worker_process(settings, log) if worker else contextlib.nullcontext():
