@@ -394,8 +394,8 @@ class _Runner:
                 self._time_up = True  # the next pass could not end by the deadline
                 self.discarded = evaluations
                 return False
-            if cap is None:
-                counts = [max(1, room // max(1, len(open_walks)))] * len(open_walks)
+            if cap is None or room >= self.per_pass:  # the deadline does not constrain this pass
+                counts = [max(1, self.per_pass // max(1, len(open_walks)))] * len(open_walks)
             else:  # near the deadline: no more than ``room`` steps in all, the first walks first
                 room = max(0, room)
                 share = room // max(1, len(open_walks))
