@@ -3,7 +3,8 @@
 They are opset 9 (IR 3, initializers listed among the inputs), fix the batch
 at 1, use ConstantOfShape, Sum and LRN, and two end in ``[N, C, 1, 1]``.
 Their weights are ConstantOfShape fills (0.02 everywhere), so each test gives
-them seeded random weights of the same shapes and checks the converted module
+them seeded random weights of the same shapes (and drops the final Softmax, so
+logits are compared rather than saturated probabilities) and checks the converted module
 against onnxruntime running the same file one image at a time (the file's
 batch of 1), which also proves that freeing the batch is exact.
 """
@@ -78,6 +79,12 @@ def _randomized(name: str, path: Path) -> Path:
         else:
             v = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.05)
         values[wname] = v
+    if kept[-1].op_type == "Softmax" and kept[-1].output[0] == graph.output[0].name:
+        # Compare logits: random weights saturate the probabilities, which would hide any difference.
+        logits, out = kept.pop().input[0], graph.output[0].name
+        for node in kept:
+            node.input[:] = [out if i == logits else i for i in node.input]
+            node.output[:] = [out if o == logits else o for o in node.output]
     del graph.node[:]
     graph.node.extend(kept)
     ints = [t for t in graph.initializer if t.data_type != onnx.TensorProto.FLOAT and t.name not in weights]
@@ -159,3 +166,10 @@ def test_layer_names_are_the_weight_names():
     # Caffe2's device scope, shared by every layer, is dropped.
     resnet = [layer.name for layer in find_layers(onnx_to_graph_module(ZOO / "light_resnet50.onnx"))]
     assert resnet[:2] == ["conv1", "res2_0_branch2a"] and resnet[-1] == "pred"
+
+
+def test_fully_convolutional_models_take_other_image_sizes():
+    # SqueezeNet ends in GlobalAveragePool and a [N, C, 1, 1] output, so 96x96 images work (the file says 224).
+    gm = load_model(ZOO / "light_squeezenet.onnx")
+    with torch.no_grad():
+        assert gm(torch.randn(2, 3, 96, 96)).shape == (2, 1000)
