@@ -239,9 +239,17 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     _check_files(args)
     from worker.shapley import ranked_neurons, run_summary, run_tmab  # torch loads here, once the input is known good
     from worker.shapley.report import no_evidence_message
-    from worker.translate import build_game
+    from worker.translate import OutOfTime, build_game
 
-    game, config = build_game(job_spec, args.model, args.data, device=args.device)
+    try:
+        game, config = build_game(job_spec, args.model, args.data, device=args.device, started_at=started_at)
+    except OutOfTime as exc:
+        print(
+            f"neuronshap: stopped: max_seconds after {time.monotonic() - started_at:.1f}s, while loading",
+            file=sys.stderr,
+        )
+        print(f"neuronshap: error: {exc}", file=sys.stderr)
+        return EXIT_JOB_FAILED
 
     interrupted = False
 
@@ -266,13 +274,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     neurons = ranked_neurons(game, estimate)
     summary = run_summary(game, estimate)
-    if args.json:
+    empty = no_evidence_message(estimate)
+    if empty is not None:
+        pass  # nothing was measured: no placeholder zeros on stdout for a pipeline to read as values
+    elif args.json:
         json.dump(neurons, sys.stdout)
         sys.stdout.write("\n")
     else:
         print_table(neurons, summary, args.limit, bottom_first=config.mode == "bottom")
     print(stop_line(summary), file=sys.stderr)
-    empty = no_evidence_message(estimate)
     for warning in summary["warnings"]:
         if warning != empty:
             print(f"neuronshap: warning: {warning}", file=sys.stderr)

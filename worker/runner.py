@@ -57,7 +57,7 @@ from worker.shapley.errors import DataError, ModelError, SpecError
 from worker.shapley.report import eta_s as _eta
 from worker.shapley.report import no_evidence_message
 from worker.shapley.tmab import PassProgress
-from worker.translate import build_game
+from worker.translate import OutOfTime, build_game
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,10 @@ def run_job(
     with lease.kept():
         started_at = time.monotonic()  # max_seconds counts from here: loading and building are part of the run
         try:
-            with tempfile.TemporaryDirectory(prefix="neuronshap-") as tmp:
-                game, config = _build(job, settings, Path(tmp))
             checkpoint = patient(lambda: _checkpoint(db, job_id))
+            with tempfile.TemporaryDirectory(prefix="neuronshap-") as tmp:
+                # A resumed job has evidence in its checkpoint: only a fresh one can run out of time while loading.
+                game, config = _build(job, settings, Path(tmp), started_at if checkpoint is None else None)
             resume = checkpoint.state if checkpoint is not None else None
             reporter.start(game, config, started_at, resume is not None)
             estimate = run_tmab(
@@ -110,6 +111,10 @@ def run_job(
                 "title": "The job's input was rejected",
                 "detail": str(exc),
             }
+            return patient(lambda: _in(db, lambda session: lifecycle.fail(session, bus, lease.lease, error)))
+        except OutOfTime as exc:
+            error = {"type": "no-evidence", "title": "The run gathered no evidence", "detail": str(exc)}
+            log.warning("job %s: %s", job_id, exc)
             return patient(lambda: _in(db, lambda session: lifecycle.fail(session, bus, lease.lease, error)))
         except Exception as exc:
             log.exception("job %s: error in the worker", job_id)
@@ -236,7 +241,7 @@ class _Keeper:
                 return
 
 
-def _build(job: Job, settings: Settings, tmp: Path) -> tuple[NeuronGame, TMABConfig]:
+def _build(job: Job, settings: Settings, tmp: Path, started_at: float | None) -> tuple[NeuronGame, TMABConfig]:
     """The game and the estimator settings the job's spec asks for."""
     if job.model_format == "pt2" and not settings.allow_pickle_models:
         raise ModelError("This worker does not load .pt2 programs (loading one unpickles); upload an ONNX export.")
@@ -245,7 +250,7 @@ def _build(job: Job, settings: Settings, tmp: Path) -> tuple[NeuronGame, TMABCon
     model_path, data_path = tmp / f"model.{job.model_format}", tmp / f"data.{job.data_format}"
     model_path.symlink_to(store.path(job.model_blob).resolve())
     data_path.symlink_to(store.path(job.data_blob).resolve())
-    return build_game(JobSpec.model_validate(job.spec), model_path, data_path)
+    return build_game(JobSpec.model_validate(job.spec), model_path, data_path, started_at=started_at)
 
 
 @dataclass

@@ -9,6 +9,7 @@ settled here, once the game exists.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from app.jobs.spec import DEFAULT_TOP_K, EstimatorSpec, JobSpec
 from worker.shapley import MetricSpec, NeuronGame, TMABConfig, load_data, load_model
 from worker.shapley.errors import SpecError
 
-__all__ = ["build_game", "tmab_config"]
+__all__ = ["build_game", "tmab_config", "OutOfTime"]
 
 # The estimator settings the spec and TMABConfig share, by name; batch_size belongs to the game.
 _TMAB_FIELDS = (
@@ -34,14 +35,34 @@ _TMAB_FIELDS = (
 )
 
 
+class OutOfTime(Exception):
+    """``max_seconds`` ran out while loading, before the game was built: nothing can be measured."""
+
+
 def build_game(
-    spec: JobSpec, model_path: Path | str, data_path: Path | str, device: str | None = None
+    spec: JobSpec,
+    model_path: Path | str,
+    data_path: Path | str,
+    device: str | None = None,
+    started_at: float | None = None,
 ) -> tuple[NeuronGame, TMABConfig]:
-    """Load the model and data and make the game and the estimator settings ``spec`` asks for."""
+    """Load the model and data and make the game and the estimator settings ``spec`` asks for.
+
+    With ``started_at`` (``time.monotonic()`` when the run began) and a ``max_seconds`` budget, raises
+    :class:`OutOfTime` when the budget is spent after loading, rather than build a game it has no time to play.
+    """
     metric = spec.metric
+    model, data = load_model(model_path), load_data(data_path)
+    budget = spec.estimator.max_seconds
+    if started_at is not None and budget is not None and time.monotonic() - started_at >= budget:
+        raise OutOfTime(
+            f"No neuron got an informative sample: the max_seconds budget ({budget:g} s) ran out while the model "
+            f"and data were loading ({time.monotonic() - started_at:.1f} s), before the game was built. "
+            "Raise estimator.max_seconds (--max-seconds), or choose fewer layers."
+        )
     game = NeuronGame(
-        load_model(model_path),
-        load_data(data_path),
+        model,
+        data,
         MetricSpec(
             metric.name,
             class_=metric.class_,
