@@ -178,7 +178,8 @@ def test_a_job_survives_a_postgres_restart(tmp_path, tiny_cnn):
         env = stacks.settings_env(settings) | {"NEURONSHAP_MIGRATE_ON_START": "false"}
         worker_log = tmp_path / "worker.log"
         # Long enough to be running when the database goes; short enough to end while it is still down.
-        spec = exact_run(2, max_seconds=4)
+        # max_seconds counts loading and building too (a fresh worker's first job takes seconds to load here).
+        spec = exact_run(2, max_seconds=8)
         with stacks.worker_process(settings, worker_log), stacks.api_process(env, tmp_path / "api.log") as (url, _):
             client = Client(url)
             job = client.submit(tiny_cnn.onnx, tiny_cnn.npz, json.dumps(spec))

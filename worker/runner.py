@@ -86,9 +86,9 @@ def run_job(
         return None
     reporter = _Reporter(job_id, settings, bus, db, lease, should_exit or (lambda: False))
     with lease.kept():
-        started_at = time.monotonic()  # max_seconds counts from here: loading and building are part of the run
         try:
-            checkpoint = patient(lambda: _checkpoint(db, job_id))
+            checkpoint = patient(lambda: _checkpoint(db, job_id))  # a database outage waited out here is not run time
+            started_at = time.monotonic()  # max_seconds counts from here: loading and building are part of the run
             with tempfile.TemporaryDirectory(prefix="neuronshap-") as tmp:
                 # A resumed job has evidence in its checkpoint: only a fresh one can run out of time while loading.
                 game, config = _build(job, settings, Path(tmp), started_at if checkpoint is None else None)
