@@ -12,6 +12,11 @@ Two formats are accepted, both of which give a ``torch.fx.GraphModule``:
 Every conv/linear node of the returned graph carries ``meta["layer"]`` (the
 module name the user knows, such as ``layer1.0.conv1``) and
 ``meta["layer_kind"]`` (``"conv"`` or ``"linear"``), whatever the format.
+An ONNX model's ``gm.meta`` also says what loading it changed:
+``onnx_upgraded_from_opset`` (an opset older than 11, upgraded with
+onnx.version_converter), ``onnx_batch_reshapes_rewritten`` (Reshapes of a
+batch the file fixes at 1, made batch-size free) and ``output_flattened``
+(``[N, C, 1, 1]`` class scores returned as ``[N, C]``).
 """
 
 from __future__ import annotations

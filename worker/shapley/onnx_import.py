@@ -515,8 +515,12 @@ class _Builder:
     def _layer_name(self, node: onnx.NodeProto) -> str:
         """The name the user knows from the PyTorch model, best source first.
 
-        (a) the weight initializer ``<module>.weight`` (dynamo and legacy
-        exporters keep parameter names); (b) the node's torch name-scope
+        (a) the weight's name less its weight suffix: ``<module>.weight``
+        (dynamo and legacy exporters keep parameter names), Caffe2's
+        ``fire9/expand3x3_w_0`` (the ONNX Model Zoo), ``fc_w``, ``fc_weight``;
+        for a weight computed at load time (a Reshape of a weight, a
+        ConstantOfShape fill) the weight it came from; a ``gpu_0/`` device
+        scope shared by every layer is then dropped; (b) the node's torch name-scope
         metadata (dynamo); (c) a ``/scope/.../Op`` node name (legacy, which
         renames weights it constant-folds, e.g. conv+BN); (d) the node name;
         (e) op type and position.
