@@ -83,6 +83,8 @@ class NeuronGame:
         self.metric = Metric(metric, data, self.n_classes, probabilities)
 
         fills = self._mean_fills(model, data) if ablation == "mean" else None
+        # What loading did to the file (an opset upgrade, a batch freed, class scores flattened): results say so.
+        self.loaded_as = {k: v for k, v in model.meta.items() if k.startswith("onnx_") or k == "output_flattened"}
         self.model: MaskedModel = build_masked_model(model, self.layers, example, fills, cache_prefix)
         budget = memory_bytes or (1 << 30 if self.device.type == "cpu" else 8 << 30)
         self._grouped = grouped_suffix(self.model, example, budget // 4) if grouped else None
@@ -124,6 +126,7 @@ class NeuronGame:
             "outputs_are_probabilities": self.metric.outputs_are_probabilities,
             "grouped_evaluation": self._grouped is not None,
             "deferred_gates": self._grouped is not None and self._grouped.defer,
+            "model": self.loaded_as,
         }
 
     @torch.inference_mode()
