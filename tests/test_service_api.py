@@ -73,6 +73,9 @@ def test_a_job_runs_to_its_ranked_neurons_events_and_ablation_check(stack, tiny_
     assert sum(n["status"] == "top" for n in neurons) <= 3
     conv2 = stack.client.get(f"/v1/jobs/{job['id']}/neurons", params={"layer": "conv2"}).json()["items"]
     assert len(conv2) == 6 and all(n["layer"] == "conv2" for n in conv2)
+    unknown = stack.client.get(f"/v1/jobs/{job['id']}/neurons", params={"layer": "conv9"})
+    assert unknown.status_code == 400 and unknown.json()["field"] == "layer"
+    assert "conv1, conv2" in unknown.json()["detail"]  # the names to choose from
     ascending = stack.client.get(f"/v1/jobs/{job['id']}/neurons", params={"order": "asc", "limit": 2}).json()
     assert [n["rank"] for n in ascending["items"]] == [10, 9]
 

@@ -331,6 +331,8 @@ def list_neurons(
         if after is not None:
             rows = [n for n in rows if (n["rank"] > after if descending_value else n["rank"] < after)]
         page = rows[: limit + 1]
+        if layer is not None and not page and live is not None:
+            _check_layer(layer, {n["layer"] for n in live["neurons"]})
     else:
         query = select(JobNeuron).where(JobNeuron.job_id == job.id)
         if layer is not None:
@@ -339,11 +341,31 @@ def list_neurons(
             query = query.where(JobNeuron.rank > after if descending_value else JobNeuron.rank < after)
         query = query.order_by(JobNeuron.rank if descending_value else JobNeuron.rank.desc()).limit(limit + 1)
         page = [Neuron.model_validate(n, from_attributes=True).model_dump() for n in session.scalars(query)]
+        if layer is not None and not page:
+            _check_layer(
+                layer, set(session.scalars(select(JobNeuron.layer).where(JobNeuron.job_id == job.id).distinct()))
+            )
     next_cursor = None
     if len(page) > limit:
         page = page[:limit]
         next_cursor = cursors.encode({"r": page[-1]["rank"]}, scope, settings.cursor_secret)
     return {"items": page, "next_cursor": next_cursor}
+
+
+def _check_layer(layer: str, known: set[str]) -> None:
+    """A ``layer`` filter that names no layer of the job is a mistake to point out, not an empty page (a job with no
+    neurons yet has nothing to check against)."""
+    if known and layer not in known:
+        names = sorted(known)
+        shown = ", ".join(names[:20]) + (f", … ({len(names)} in all)" if len(names) > 20 else "")
+        raise Problem(
+            400,
+            "unknown-layer",
+            "Unknown layer",
+            f"The job has no layer {layer!r}; its layers are {shown}. Use one of these names, as the neurons list "
+            "them, or leave the filter out.",
+            field="layer",
+        )
 
 
 def get_ablation(session: Session, job: Job) -> dict:
