@@ -533,8 +533,13 @@ def plain_run(model: Model, ref: torch.Tensor, scale: Scale) -> RunResult:
     tracker = Tracker(ref, confirm=scale.plain_confirm)
     est = run_tmab(game, cfg, on_progress=tracker, should_stop=tracker.should_stop)
     stop = "confirmed" if est.stop_reason == "stopped" else est.stop_reason
+    return _result("plain permutation sampling", tracker, est, stop, ref)
+
+
+def _result(name: str, tracker: Tracker, est, stop: str, ref: torch.Tensor) -> RunResult:
+    """A run as the tables read it: its tracked points, its work, why it stopped and whether its top-k is correct."""
     return RunResult(
-        "plain permutation sampling",
+        name,
         tracker.points,
         est.iterations,
         est.evaluations,
@@ -560,17 +565,7 @@ def tmab_run(
     tracker = Tracker(ref, confirm=confirm)
     est = run_tmab(game, cfg, on_progress=tracker, should_stop=tracker.should_stop)
     stop = "confirmed" if est.stop_reason == "stopped" else est.stop_reason or "-"
-    return RunResult(
-        "TMAB (defaults)",
-        tracker.points,
-        est.iterations,
-        est.evaluations,
-        est.rows,
-        est.elapsed_s,
-        stop,
-        is_correct(est.values, ref),
-        est.values,
-    )
+    return _result("TMAB (defaults)", tracker, est, stop, ref)
 
 
 class _OutOfTime(Exception):

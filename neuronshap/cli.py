@@ -218,14 +218,18 @@ def _spec_from_options(args: argparse.Namespace) -> spec.JobSpec:
         raise UsageError("; ".join(problems)) from exc
 
 
+def _require_files(*paths: Path) -> None:
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
+
+
 def _check_files(args: argparse.Namespace) -> None:
     """The model and data files exist and look like what they claim, from their headers (no torch yet)."""
     from app.core.problems import Problem
     from app.jobs import uploads
 
-    for path in (args.model, args.data):
-        if not path.is_file():
-            raise UsageError(f"{path}: no such file")
+    _require_files(args.model, args.data)
     try:
         uploads.model_format(args.model.name, args.model, allow_pickle=True)  # a local file of the user's own
         uploads.data_format(args.data.name, args.data, max_unpacked=1 << 62)
@@ -392,10 +396,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from app.jobs.states import JobState
     from neuronshap.client import Client
 
-    for path in (args.model, args.data, args.spec):
-        if not path.is_file():
-            print(f"neuronshap: error: {path} is not a file", file=sys.stderr)
-            return EXIT_USER_ERROR
+    _require_files(args.model, args.data, args.spec)
     client = Client(args.url, args.api_key)
     job = client.submit(args.model, args.data, args.spec.read_text(), args.idempotency_key)
     if not args.wait:

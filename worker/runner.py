@@ -138,10 +138,11 @@ def run_job(
             error = {"type": "no-evidence", "title": "The run gathered no evidence", "detail": empty}
             log.warning("job %s: %s", job_id, empty)
             return patient(lambda: _in(db, lambda session: lifecycle.fail(session, bus, lease.lease, error)))
-        for warning in run_summary(game, estimate)["warnings"]:
+        summary = run_summary(game, estimate)
+        for warning in summary["warnings"]:
             log.warning("job %s: %s", job_id, warning)
         neurons = ranked_neurons(game, estimate)
-        summary = run_summary(game, estimate) | {
+        summary |= {
             "publish_s": reporter.publish_s,
             "checkpoints": reporter.checkpoints,
             "resumed_from_iteration": checkpoint.iterations if checkpoint is not None else None,
