@@ -26,6 +26,7 @@ from typing import Literal, TextIO, get_args, get_origin
 
 from pydantic import ValidationError
 
+from app.core.config import get_settings
 from app.jobs import spec
 
 from . import __version__
@@ -74,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{info.description}{default}",
         )
     est.add_argument("--device", help="cpu, cuda, cuda:1 … (default: the GPU if there is one)")
+    est.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch threads (default $NEURONSHAP_THREADS, else one fewer than the cores this process may run on)",
+    )
     est.add_argument("--limit", type=int, default=20, help="neurons to print as text (--json prints all)")
     est.add_argument(
         "--json", action="store_true", help="print the ranked neurons as a JSON list (docs/API.md's shape)"
@@ -187,6 +193,17 @@ def _service_url(url: str) -> str:
     return url
 
 
+def _positive_int(text: str) -> int:
+    """An option's whole number of at least 1, or argparse's one-line error naming the option."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def _option(field: str) -> str:
     """The command-line option of a spec field: ``top_k`` → ``--top-k``."""
     return "--" + field.replace("_", "-")
@@ -243,8 +260,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     _check_files(args)
     from worker.shapley import ranked_neurons, run_summary, run_tmab  # torch loads here, once the input is known good
     from worker.shapley.report import no_evidence_message
+    from worker.threads import apply_threads
     from worker.translate import OutOfTime, build_game
 
+    apply_threads(args.threads if args.threads is not None else get_settings().threads)  # before any parallel op
     try:
         game, config = build_game(job_spec, args.model, args.data, device=args.device, started_at=started_at)
     except OutOfTime as exc:

@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -57,6 +57,7 @@ from worker.shapley.errors import DataError, ModelError, SpecError
 from worker.shapley.report import eta_s as _eta
 from worker.shapley.report import no_evidence_message
 from worker.shapley.tmab import PassProgress
+from worker.threads import apply_threads
 from worker.translate import OutOfTime, build_game
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def run_job(
     if job is None:
         log.info("job %s: not claimable (finished, cancelled, deleted or leased by another worker); skipped", job_id)
         return None
+    threads = apply_threads(settings.threads)  # before the job's first parallel op (worker/threads.py says why)
     reporter = _Reporter(job_id, settings, bus, db, lease, should_exit or (lambda: False))
     with lease.kept():
         try:
@@ -146,6 +148,7 @@ def run_job(
             "publish_s": reporter.publish_s,
             "checkpoints": reporter.checkpoints,
             "resumed_from_iteration": checkpoint.iterations if checkpoint is not None else None,
+            "threads": asdict(threads),
         }
         progress = reporter.progress_dict(estimate)
         if estimate.stop_reason == "stopped":  # a cancel request: the partial estimates are the result
@@ -251,7 +254,10 @@ def _build(job: Job, settings: Settings, tmp: Path, started_at: float | None) ->
     model_path, data_path = tmp / f"model.{job.model_format}", tmp / f"data.{job.data_format}"
     model_path.symlink_to(store.path(job.model_blob).resolve())
     data_path.symlink_to(store.path(job.data_blob).resolve())
-    return build_game(JobSpec.model_validate(job.spec), model_path, data_path, started_at=started_at)
+    try:
+        return build_game(JobSpec.model_validate(job.spec), model_path, data_path, started_at=started_at)
+    except UserInputError as exc:  # the loaders name the path they read: say `model.onnx`, not a server's temp path
+        raise type(exc)(str(exc).replace(f"{tmp}{os.sep}", "")) from exc
 
 
 @dataclass

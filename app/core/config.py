@@ -36,6 +36,12 @@ class Settings(BaseSettings):
         "dev-only-change-me", description="signs page cursors; set the same value on every API replica"
     )
     allow_pickle_models: bool = Field(False, description="accept .pt2 uploads, whose loading unpickles (runs code)")
+    preflight_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="how long a submission's check (model loads, takes the data, fits the spec) may take before "
+        "the job is accepted unchecked and the worker judges it; 0: no check",
+    )
     migrate_on_start: bool = Field(True, description="run the migrations when the API starts")
     ablation_k: int = Field(10, ge=1, description="the ablation check removes the top 1..K neurons")
     lease_s: float = Field(60.0, gt=0, description="a running job's lease; its worker renews it every third of this")
@@ -51,6 +57,12 @@ class Settings(BaseSettings):
     )
     max_active_jobs_per_tenant: int = Field(
         20, ge=1, description="queued and running jobs a tenant may have (429 beyond)"
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of a process that runs jobs; default one fewer than the cores it may run on "
+        "(its CPU affinity and CPU quota), at least 1 (worker/threads.py says why)",
     )
 
     @property
