@@ -53,6 +53,8 @@ CHAIN_TARGETS = frozenset(
         F.silu,
         aten.hardswish.default,
         F.hardswish,
+        aten.hardsigmoid.default,
+        F.hardsigmoid,
         aten.sigmoid.default,
         torch.sigmoid,
         aten.tanh.default,

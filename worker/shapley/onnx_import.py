@@ -73,6 +73,8 @@ _DTYPES = {
 _NEVER_FOLD = frozenset({"Conv", "Gemm", "MatMul", "Constant", "Identity", "Dropout"})
 # Ops whose constant output is named after itself, not its (shape) input.
 _SHAPE_FED = frozenset({"ConstantOfShape", "Shape", "Size", "Range"})
+# Ops whose emitter binds every output itself (the others produce only their first).
+_MULTI_OUTPUT = frozenset({"Split"})
 
 # Functional ops indexed by the number of spatial dimensions.
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -407,6 +409,12 @@ class _Builder:
             result = _OPS[node.op_type](self, node)
             if result is not None:
                 self.env[node.output[0]] = result
+        # The ONNX values each FX node computes, in graph order (several where an Identity or a folded bias Add
+        # binds a value to the same node): where worker.shapley.onnx_export gates a neuron in the file itself.
+        for node in self.onnx_graph.node:
+            for out in node.output:
+                if out in self.env:
+                    self.env[out].meta.setdefault("onnx_values", []).append(out)
         self.graph.output(self.value(self.onnx_graph.output[0].name))
         _strip_device_prefix(self.graph)
         _make_layer_names_unique(self.graph)
@@ -422,7 +430,7 @@ class _Builder:
         ConstantOfShape) is still a constant weight, and its Conv/Gemm still
         a layer.  Layer ops themselves are never folded.
         """
-        if node.op_type in _NEVER_FOLD or not node.input:
+        if node.op_type in _NEVER_FOLD or node.op_type in _MULTI_OUTPUT or not node.input:
             return False
         if not all(name in self.consts for name in node.input if name):
             return False
@@ -448,6 +456,8 @@ class _Builder:
     def _check_extra_outputs(self, node: onnx.NodeProto) -> None:
         # Every emitter produces only the first output (BatchNorm running
         # stats, Dropout mask and MaxPool indices are training/debug outputs).
+        if node.op_type in _MULTI_OUTPUT:
+            return
         for name in node.output[1:]:
             if name and (self.consumers[name] or name in self.graph_outputs):
                 raise ModelError(
@@ -474,6 +484,15 @@ class _Builder:
     def const(self, node: onnx.NodeProto, i: int) -> torch.Tensor | None:
         """The load-time value of input ``i``, or None if absent or computed."""
         return self.consts.get(node.input[i]) if _has_input(node, i) else None
+
+    def const_or_value(self, node: onnx.NodeProto, i: int) -> list[int] | torch.fx.Node | None:
+        """An integer list input as a list when known at load time, else its graph value (None if absent)."""
+        if not _has_input(node, i):
+            return None
+        tensor = self.consts.get(node.input[i])
+        if tensor is None:
+            return self.value(node.input[i])
+        return [int(v) for v in tensor.reshape(-1).tolist()]
 
     def const_ints(self, node: onnx.NodeProto, i: int, what: str) -> list[int] | None:
         """Integer list input (axes, pads...) that must be known at load time."""
@@ -572,15 +591,24 @@ def _strip_device_prefix(graph: torch.fx.Graph) -> None:
 def _join_scopes(scopes: Sequence[str]) -> str:
     """Qualified module name from a scope path.
 
-    Exporters mix relative (``conv1``) and already-qualified (``layer1.0``)
-    scope entries: the legacy exporter names a node ``/layer1/layer1.0/conv1/Conv``
-    and dynamo writes ``['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d']``.
-    PyTorch child names never contain dots, so an entry that extends the
-    current prefix with a dot is qualified; anything else is relative.
+    Exporters mix relative (``conv1``) and qualified (``layer1.0``) scope
+    entries: dynamo writes ``['', 'layer1', 'layer1.0', 'layer1.0.conv1',
+    'conv2d']``, the legacy exporter names a node
+    ``/layer1/layer1.0/downsample/downsample.0/Conv``, qualifying a
+    container's children by the container's own (possibly relative) name.
+    PyTorch child names never contain dots, so an entry with a dot extends
+    the part of the current name that ends with what precedes its last dot;
+    an entry without one is a child of the current name.
     """
     name = ""
     for scope in filter(None, scopes):
-        name = scope if not name or scope.startswith(name + ".") else f"{name}.{scope}"
+        head, _, tail = scope.rpartition(".")
+        if not name or scope.startswith(name + "."):
+            name = scope
+        elif head and (name == head or name.endswith("." + head)):
+            name = f"{name}.{tail}"
+        else:
+            name = f"{name}.{scope}"
     return name
 
 
@@ -637,6 +665,9 @@ def _to_tensor(proto: onnx.TensorProto) -> torch.Tensor:
 # Run-time helpers: called from the generated code where the ONNX semantics
 # depend on the input's shape or rank, which is only known at run time.
 
+# ONNX Pad modes and F.pad's names for them.
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
 # ("explicit", F.pad list) or ("same", kernel, strides, dilations, lower):
 # padding torch cannot express, applied by ``_pad_spatial`` before the op.
 _PadSpec = tuple
@@ -675,12 +706,34 @@ def _gather(data: torch.Tensor, indices: torch.Tensor, axis: int) -> torch.Tenso
     return picked.reshape(data.shape[:axis] + indices.shape + data.shape[axis + 1 :])
 
 
-def _slice(x: torch.Tensor, starts: list[int], ends: list[int], axes: list[int], steps: list[int]) -> torch.Tensor:
-    index = [slice(None)] * x.dim()
+def _ints(v: torch.Tensor | list[int]) -> list[int]:
+    """A shape, axes or bounds argument known at load time (a list) or computed in the graph (a tensor)."""
+    return [int(i) for i in v.reshape(-1).tolist()] if isinstance(v, torch.Tensor) else list(v)
+
+
+def _slice(
+    x: torch.Tensor,
+    starts: torch.Tensor | list[int],
+    ends: torch.Tensor | list[int],
+    axes: torch.Tensor | list[int] | None,
+    steps: torch.Tensor | list[int] | None,
+) -> torch.Tensor:
+    starts, ends = _ints(starts), _ints(ends)
+    axes = _ints(axes) if axes is not None else list(range(len(starts)))
+    steps = _ints(steps) if steps is not None else [1] * len(starts)
+    out = x
     # Lists from the model file: a malformed one keeps its shortest reading, as before (no ValueError here).
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=False):
-        index[axis] = slice(start, end, step)
-    return x[tuple(index)]
+        axis %= x.dim()
+        if step > 0:
+            out = out[(slice(None),) * axis + (slice(start, end, step),)]
+            continue
+        # torch slices only forwards; ONNX clamps a backward slice's start to [0, dim-1], its end to [-1, dim-1].
+        dim = out.shape[axis]
+        start = min(max(start + dim if start < 0 else start, 0), dim - 1)
+        end = min(max(end + dim if end < 0 else end, -1), dim - 1)
+        out = out.index_select(axis, torch.arange(start, end, step, device=x.device))
+    return out
 
 
 def _constant_of_shape(shape: torch.Tensor, value: float | int | bool, dtype: torch.dtype) -> torch.Tensor:
@@ -689,6 +742,82 @@ def _constant_of_shape(shape: torch.Tensor, value: float | int | bool, dtype: to
 
 def _sum(*xs: torch.Tensor) -> torch.Tensor:
     return functools.reduce(torch.add, xs)
+
+
+def _max(*xs: torch.Tensor) -> torch.Tensor:
+    return functools.reduce(torch.maximum, xs)
+
+
+def _min(*xs: torch.Tensor) -> torch.Tensor:
+    return functools.reduce(torch.minimum, xs)
+
+
+def _mean(*xs: torch.Tensor) -> torch.Tensor:
+    return _sum(*xs) / len(xs)
+
+
+def _hard_sigmoid(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    return torch.clamp(alpha * x + beta, 0.0, 1.0)
+
+
+def _split_part(x: torch.Tensor, axis: int, sizes: torch.Tensor | list[int] | None, parts: int, i: int) -> torch.Tensor:
+    """Part ``i`` of ONNX Split: the given sizes, or ``parts`` equal ones (the last smaller if need be)."""
+    if sizes is None:
+        chunk = -(-x.shape[axis] // parts)
+        lengths = [chunk] * (parts - 1) + [x.shape[axis] - chunk * (parts - 1)]
+    else:
+        lengths = _ints(sizes)
+    return x.narrow(axis, sum(lengths[:i]), lengths[i])
+
+
+def _layer_norm(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, axis: int, eps: float) -> torch.Tensor:
+    """ONNX LayerNormalization: normalize over the dimensions from ``axis`` on; scale and bias broadcast."""
+    shape = x.shape[axis % x.dim() :]
+    if scale.shape == shape and (bias is None or bias.shape == shape):
+        return F.layer_norm(x, shape, scale, bias, eps)
+    out = F.layer_norm(x, shape, None, None, eps) * scale
+    return out if bias is None else out + bias
+
+
+def _resize(
+    x: torch.Tensor,
+    scales: list[float] | None,
+    sizes: torch.Tensor | list[int] | None,
+    mode: str,
+    align_corners: bool | None,
+    pytorch_half_pixel: bool,
+) -> torch.Tensor:
+    """ONNX Resize of the spatial dimensions, by F.interpolate (see ``_RESIZE_MODES``)."""
+    spatial = x.dim() - 2
+    if mode == "linear":
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial]
+    if sizes is not None:
+        size = _ints(sizes)
+        if size[:2] != list(x.shape[:2]):
+            raise ModelError(f"A Resize to {size} changes the batch or channel dimension; resize only spatial ones.")
+        out = size[2:]
+        kwargs: dict[str, Any] = {"size": out}
+    else:
+        if scales is None or scales[:2] != [1.0, 1.0]:
+            raise ModelError(f"A Resize by scales {scales} changes the batch or channel dimension.")
+        out = [math.floor(n * s) for n, s in zip(x.shape[2:], scales[2:], strict=True)]
+        kwargs = {"scale_factor": scales[2:]}
+    if pytorch_half_pixel and 1 in out and mode != "nearest-exact":
+        # ONNX samples coordinate 0 for a length-1 output; torch samples the middle.
+        raise ModelError(
+            "A Resize with coordinate_transformation_mode=pytorch_half_pixel to a length-1 dimension has no "
+            "torch equivalent; set the mode to align_corners in the ONNX file, which samples the same pixel."
+        )
+    return F.interpolate(x, mode=mode, align_corners=align_corners, **kwargs)
+
+
+def _expand(x: torch.Tensor, shape: torch.Tensor | list[int]) -> torch.Tensor:
+    # ONNX Expand broadcasts both ways: a 1 in `shape` keeps x's dimension.
+    return x.expand(torch.broadcast_shapes(x.shape, tuple(_ints(shape))))
+
+
+def _tile(x: torch.Tensor, repeats: torch.Tensor | list[int]) -> torch.Tensor:
+    return x.repeat(_ints(repeats))
 
 
 def _lrn(x: torch.Tensor, size: int, alpha: float, beta: float, bias: float) -> torch.Tensor:
@@ -726,7 +855,7 @@ def _global_pool(x: torch.Tensor, reduce: str) -> torch.Tensor:
     return getattr(x, reduce)(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
-def _pad(x: torch.Tensor, pads: list[int], value: float, axes: list[int] | None) -> torch.Tensor:
+def _pad(x: torch.Tensor, pads: list[int], value: float, axes: list[int] | None, mode: str) -> torch.Tensor:
     rank = x.dim()
     axes = list(range(rank)) if axes is None else [a % rank for a in axes]
     n = len(axes)
@@ -735,7 +864,13 @@ def _pad(x: torch.Tensor, pads: list[int], value: float, axes: list[int] | None)
     torch_pads = []  # F.pad lists (begin, end) from the last dimension backwards
     for d in reversed(range(rank)):
         torch_pads += [begin.get(d, 0), end.get(d, 0)]
-    return F.pad(x, torch_pads, value=value)
+    if mode == "constant":
+        return F.pad(x, torch_pads, value=value)
+    # torch pads a border copy only on trailing dimensions, leaving the first two alone.
+    keep = 2 * (rank - 2)
+    if any(torch_pads[keep:]):
+        raise ModelError(f"A {mode} Pad of the batch or channel dimension is not supported; pad only spatial ones.")
+    return F.pad(x, torch_pads[:keep], mode=mode)
 
 
 def _pad_spatial(x: torch.Tensor, spec: _PadSpec, value: float) -> torch.Tensor:
@@ -994,15 +1129,17 @@ def _reduce(fn: Callable[..., torch.Tensor]) -> _Emitter:
 
 def _pad_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
     a = _attrs(node)
-    if a.get("mode", "constant") != "constant":
+    mode = a.get("mode", "constant")
+    if mode not in _PAD_MODES:
         raise ModelError(
-            f"{_describe(node)} uses mode {a['mode']!r}; only constant padding is supported; {_REEXPORT_HINT}."
+            f"{_describe(node)} uses padding mode {mode!r}; supported are {', '.join(_PAD_MODES)}. Replace it in "
+            "the ONNX file (onnx.helper) by a constant Pad, or by Slice and Concat nodes that copy the border."
         )
     pads = list(a["pads"]) if "pads" in a else b.const_ints(node, 1, "pads")
     fill = b.const(node, 2)
     value = float(fill.item()) if fill is not None else float(a.get("value", 0.0))
     axes = b.const_ints(node, 3, "axes")
-    return b.call(_pad, b.value(node.input[0]), pads, value, axes)
+    return b.call(_pad, b.value(node.input[0]), pads, value, axes, _PAD_MODES[mode])
 
 
 def _clip(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
@@ -1015,18 +1152,19 @@ def _clip(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
         else:
             bounds.append(b.optional(node, i) if _has_input(node, i) else a.get(key))
     x = b.value(node.input[0])
-    return x if bounds == [None, None] else b.call(torch.clamp, x, *bounds)
+    if bounds == [None, None]:
+        return x
+    lo, hi = bounds
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo < hi:
+        # ReLU6 and Hardtanh: one op the mask moves past, so a removed neuron stays silent.
+        return b.call(F.hardtanh, x, float(lo), float(hi))
+    return b.call(torch.clamp, x, *bounds)
 
 
 def _slice_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
-    starts = b.const_ints(node, 1, "starts")
-    ends = b.const_ints(node, 2, "ends")
-    assert starts is not None, "the ONNX checker (in _validate) requires Slice's starts"
-    axes = b.const_ints(node, 3, "axes") or list(range(len(starts)))
-    steps = b.const_ints(node, 4, "steps") or [1] * len(starts)
-    if any(s <= 0 for s in steps):
-        raise ModelError(f"{_describe(node)} uses a non-positive step, which is not supported; {_REEXPORT_HINT}.")
-    return b.call(_slice, b.value(node.input[0]), starts, ends, axes, steps)
+    # torch.chunk exports (legacy) compute starts and ends from Shape: those stay graph values.
+    bounds = [b.const_or_value(node, i) for i in range(1, 5)]
+    return b.call(_slice, b.value(node.input[0]), *bounds)
 
 
 def _constant(b: _Builder, node: onnx.NodeProto) -> None:
@@ -1084,12 +1222,98 @@ def _lrn_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
     )
 
 
+def _hard_sigmoid_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    a = _attrs(node)
+    alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
+    x = b.value(node.input[0])
+    if math.isclose(alpha, 1 / 6, rel_tol=1e-6) and beta == 0.5:  # torch's nn.Hardsigmoid
+        return b.call(F.hardsigmoid, x)
+    return b.call(_hard_sigmoid, x, alpha, beta)
+
+
+def _split_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    """Each output is one narrow() of the input, so the graph holds tensors only (no tuple)."""
+    a = _attrs(node)
+    sizes: list[int] | torch.fx.Node | None = list(a["split"]) if "split" in a else b.const_or_value(node, 1)
+    x = b.value(node.input[0])
+    for i, name in enumerate(node.output):
+        if name:
+            b.env[name] = b.call(_split_part, x, a.get("axis", 0), sizes, len(node.output), i)
+    return b.env[node.output[0]]
+
+
+def _layer_norm_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    a = _attrs(node)
+    return b.call(
+        _layer_norm,
+        b.value(node.input[0]),
+        b.value(node.input[1]),
+        b.optional(node, 2),
+        a.get("axis", -1),
+        float(a.get("epsilon", 1e-5)),
+    )
+
+
+# ONNX Resize (mode, coordinate_transformation_mode, nearest_mode) and the torch interpolation
+# that computes the same source coordinates; torch's exports write these.
+_RESIZE_MODES = {
+    ("nearest", "asymmetric", "floor"): ("nearest", None),
+    ("nearest", "half_pixel", "round_prefer_ceil"): ("nearest-exact", None),
+    ("nearest", "pytorch_half_pixel", "round_prefer_ceil"): ("nearest-exact", None),
+    ("linear", "half_pixel", None): ("linear", False),
+    ("linear", "pytorch_half_pixel", None): ("linear", False),
+    ("linear", "align_corners", None): ("linear", True),
+}
+
+
+def _resize_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    a = _attrs(node)
+    mode = a.get("mode", "nearest")
+    transform = a.get("coordinate_transformation_mode", "half_pixel")
+    rounding = a.get("nearest_mode", "round_prefer_floor") if mode == "nearest" else None
+    unsupported = [
+        f"{k}={a[k]}" for k, ok in (("antialias", 0), ("axes", None), ("exclude_outside", 0)) if a.get(k, ok) != ok
+    ]
+    if a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+        unsupported.append(f"keep_aspect_ratio_policy={a['keep_aspect_ratio_policy']}")
+    if (mode, transform, rounding) not in _RESIZE_MODES or unsupported:
+        combination = ", ".join([f"mode={mode}", f"coordinate_transformation_mode={transform}"] + unsupported)
+        raise ModelError(
+            f"{_describe(node)} resizes with {combination}"
+            + (f", nearest_mode={rounding}" if rounding else "")
+            + ", which has no exact torch equivalent. Supported: nearest with asymmetric/floor or "
+            "half_pixel/round_prefer_ceil, and linear with half_pixel, pytorch_half_pixel or align_corners "
+            "(what torch.onnx.export writes for nn.Upsample and F.interpolate). Change the node's attributes in "
+            "the ONNX file with onnx.helper if one of those is what the model means, or replace the node by "
+            "a ConvTranspose with fixed weights."
+        )
+    torch_mode, align_corners = _RESIZE_MODES[(mode, transform, rounding)]
+    scales = b.const(node, 2)
+    sizes = b.const_or_value(node, 3)
+    return b.call(
+        _resize,
+        b.value(node.input[0]),
+        None if scales is None or not scales.numel() else [float(v) for v in scales.tolist()],
+        None if sizes == [] else sizes,
+        torch_mode,
+        align_corners,
+        transform == "pytorch_half_pixel",
+    )
+
+
+def _nary(fn: Callable[..., torch.Tensor]) -> _Emitter:
+    return lambda b, n: b.call(fn, *(b.value(i) for i in n.input if i))
+
+
 _OPS: dict[str, _Emitter] = {
     "Conv": _conv,
     "Gemm": _gemm_op,
     "MatMul": _matmul,
     "Add": _simple(torch.add, 2),
-    "Sum": lambda b, n: b.call(_sum, *(b.value(i) for i in n.input)),
+    "Sum": _nary(_sum),
+    "Max": _nary(_max),
+    "Min": _nary(_min),
+    "Mean": _nary(_mean),
     "ConstantOfShape": _constant_of_shape_op,
     "LRN": _lrn_op,
     "Sub": _simple(torch.sub, 2),
@@ -1099,6 +1323,8 @@ _OPS: dict[str, _Emitter] = {
     "Relu": _simple(torch.relu),
     "LeakyRelu": _simple(F.leaky_relu, negative_slope=("alpha", 0.01)),
     "Sigmoid": _simple(torch.sigmoid),
+    "HardSigmoid": _hard_sigmoid_op,
+    "HardSwish": _simple(F.hardswish),
     "Tanh": _simple(torch.tanh),
     "Elu": _simple(F.elu, alpha=("alpha", 1.0)),
     "Gelu": _simple(F.gelu, approximate=("approximate", "none")),
@@ -1131,6 +1357,14 @@ _OPS: dict[str, _Emitter] = {
     "ReduceMean": _reduce(torch.mean),
     "ReduceSum": _reduce(torch.sum),
     "Pad": _pad_op,
+    "Split": _split_op,
+    "LayerNormalization": _layer_norm_op,
+    "Einsum": lambda b, n: b.call(torch.einsum, _attrs(n)["equation"], *(b.value(i) for i in n.input)),
+    "Resize": _resize_op,
+    "Where": _simple(torch.where, 3),
+    "Equal": _simple(torch.eq, 2),
+    "Expand": lambda b, n: b.call(_expand, b.value(n.input[0]), b.const_or_value(n, 1)),
+    "Tile": lambda b, n: b.call(_tile, b.value(n.input[0]), b.const_or_value(n, 1)),
 }
 
 
