@@ -3,6 +3,12 @@
 Uploads are streamed to a temporary file while their SHA-256 is computed and
 their size checked, then renamed into place (``ab/abcdef….bin``), so a blob
 is either whole or absent, and the same file uploaded twice is stored once.
+
+Because of that sharing, a blob is deleted only when no job refers to it and
+no request of this process still holds it: :meth:`BlobStore.put_stream` pins
+the blob it stores until the request lets go (:meth:`BlobStore.unpin`), so
+a refused submission never deletes the bytes of an accepted one that is
+still being checked. (Replicas of the API do not see each other's pins.)
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterator
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -25,6 +33,8 @@ class BlobTooLarge(Exception):
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._pins: Counter[str] = Counter()
+        self._lock = threading.Lock()
 
     def path(self, digest: str) -> Path:
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -32,7 +42,8 @@ class BlobStore:
         return self.root / digest[:2] / f"{digest}.bin"
 
     async def put_stream(self, chunks: AsyncIterator[bytes], limit: int) -> tuple[str, int]:
-        """Store a stream of bytes; returns (sha256 hex, size). Raises :class:`BlobTooLarge` past ``limit``."""
+        """Store a stream of bytes; returns (sha256 hex, size), the blob pinned for the caller to :meth:`unpin`.
+        Raises :class:`BlobTooLarge` past ``limit``."""
         self.root.mkdir(parents=True, exist_ok=True)
         sha, size = hashlib.sha256(), 0
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-")
@@ -49,7 +60,13 @@ class BlobStore:
             digest = sha.hexdigest()
             final = self.path(digest)
             final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
+            with self._lock:  # pinned before it lands: a concurrent delete of the same bytes cannot take it
+                self._pins[digest] += 1
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                self.unpin(digest)
+                raise
             return digest, size
         finally:
             if os.path.exists(tmp):
@@ -58,5 +75,14 @@ class BlobStore:
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_file()
 
-    def delete(self, digest: str) -> None:
-        self.path(digest).unlink(missing_ok=True)
+    def unpin(self, digest: str) -> None:
+        with self._lock:
+            self._pins[digest] -= 1
+            if self._pins[digest] <= 0:
+                del self._pins[digest]
+
+    def delete(self, digest: str, unused: Callable[[], bool] = lambda: True) -> None:
+        """Delete a blob no request holds, if ``unused()`` (asked while no pin can change) says no job needs it."""
+        with self._lock:
+            if self._pins[digest] == 0 and unused():
+                self.path(digest).unlink(missing_ok=True)
