@@ -3,8 +3,9 @@
 :func:`create_app` wires one :class:`Settings` to its adapters: the blob
 store, the bus (Redis or memory) and the queue (Celery or a thread). Nothing
 in ``app`` imports the worker or torch: the embedded queue runs jobs with the
-``run_job`` it is given, which ``neuronshap.server`` (``neuronshap serve``)
-wires to the worker's runner.
+``run_job`` it is given, and submissions are checked (model loads, takes the
+data, fits the spec) by the ``check_upload`` it is given; ``neuronshap.server``
+(``neuronshap serve``) wires both to the worker.
 """
 
 from __future__ import annotations
@@ -24,14 +25,20 @@ from app.core.limits import BodyLimit
 from app.core.queue import RunJob, ThreadQueue, make_queue
 from app.jobs import routes as jobs_routes
 from app.jobs.recovery import requeue_unfinished
+from app.jobs.uploads import CheckUpload
 from app.ops import routes as ops_routes
 from app.ops.service import measure
+from app.reports import routes as reports_routes
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, run_job: RunJob | None = None) -> FastAPI:
-    """The app for ``settings``; ``run_job`` runs jobs when there is no broker (the embedded queue)."""
+def create_app(
+    settings: Settings | None = None, run_job: RunJob | None = None, check_upload: CheckUpload | None = None
+) -> FastAPI:
+    """The app for ``settings``; ``run_job`` runs jobs when there is no broker (the embedded queue);
+    ``check_upload`` checks each submission before it is answered (without one, the worker is the first to
+    load the model)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -57,10 +64,12 @@ def create_app(settings: Settings | None = None, run_job: RunJob | None = None) 
     )
     app.state.settings = settings
     app.state.store = BlobStore(settings.resolved_blob_dir)
+    app.state.check_upload = check_upload
     problems.install(app)
     docs.install(app)
     app.middleware("http")(measure)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.include_router(jobs_routes.router)
     app.include_router(ops_routes.router)
+    app.include_router(reports_routes.router)
     return app

@@ -1,8 +1,11 @@
-"""The API as ``neuronshap serve`` runs it: the app, with the embedded queue wired to the worker's runner.
+"""The API as ``neuronshap serve`` runs it: the app, with the embedded queue wired to the worker's runner and
+submissions checked by the worker's loaders.
 
 ``app`` never imports the worker; this is where the two meet. The runner
 (and with it torch) is imported when the first job runs, not before, so an
-API process that only sends jobs to Celery workers never loads torch.
+API process that only sends jobs to Celery workers never loads torch. The
+submission check (:mod:`worker.preflight`) loads torch only in a child
+process of its own, whatever the queue.
 Run with ``neuronshap serve`` or ``uvicorn --factory neuronshap.server:app``.
 """
 
@@ -14,6 +17,8 @@ from fastapi import FastAPI
 
 from app.core.bus import Bus
 from app.core.config import Settings, get_settings
+from app.jobs.spec import JobSpec
+from app.jobs.uploads import Rejection, StoredUpload
 from app.main import create_app
 
 
@@ -24,8 +29,15 @@ def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[],
     return run(job_id, settings, bus, should_exit=should_exit)
 
 
+def check_upload(spec: JobSpec, model: StoredUpload, data: StoredUpload, timeout_s: float) -> Rejection | None:
+    """The submission check: :func:`worker.preflight.check_upload`, imported on first use (torch, only in its child)."""
+    from worker.preflight import check_upload as check
+
+    return check(spec, model, data, timeout_s)
+
+
 def create_server_app(settings: Settings | None = None) -> FastAPI:
-    return create_app(settings or get_settings(), run_job=run_job)
+    return create_app(settings or get_settings(), run_job=run_job, check_upload=check_upload)
 
 
 def app() -> FastAPI:

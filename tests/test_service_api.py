@@ -184,20 +184,24 @@ def test_idempotency_key_returns_the_same_job_and_refuses_another_payload(stack,
     stack.wait(first["id"], ("succeeded",))
 
 
-def test_errors_found_by_the_worker_fail_the_job_with_a_message_not_a_trace(stack, tiny_cnn, digits):
-    no_layer = submit(stack.client, tiny_cnn, {"metric": {"name": "accuracy"}, "players": {"layers": ["block9.*"]}})
-    # Inputs of another shape than the model takes: found when the worker runs the model.
-    x = np.zeros((20, 1, 5, 5), dtype=np.float32)
-    buf = io.BytesIO()
-    np.savez(buf, inputs=x, labels=np.zeros(20, dtype=np.int64))
-    wrong_shape = submit(stack.client, tiny_cnn, QUICK, data=("eval.npz", buf.getvalue()))
-    top_k = submit(stack.client, tiny_cnn, {"metric": {"name": "accuracy"}, "estimator": {"top_k": 50}})
-    for job, needle in ((no_layer, "block9"), (wrong_shape, "shape"), (top_k, "top_k")):
-        failed = stack.wait(job["id"], ("failed", "succeeded"))
-        assert failed["state"] == "failed", failed
-        assert needle in failed["error"]["detail"], failed["error"]
-        assert "Traceback" not in failed["error"]["detail"] and failed["error"]["type"].endswith("error")
-        assert events(stack, job["id"])[-1][1:] == ("done", {"state": "failed"})
+@pytest.mark.parametrize("kind", ["embedded", pytest.param("full", marks=pytest.mark.service)])
+def test_errors_found_by_the_worker_fail_the_job_with_a_message_not_a_trace(kind, tiny_cnn, tmp_path):
+    """The worker keeps its own checks (a model may reach it unchecked: the submission check off, or out of
+    time); tests/test_preflight.py has the same mistakes refused at submission."""
+    with getattr(stacks, kind)(tmp_path, preflight_timeout_s=0) as stack:
+        no_layer = submit(stack.client, tiny_cnn, {"metric": {"name": "accuracy"}, "players": {"layers": ["block9.*"]}})
+        # Inputs of another shape than the model takes: found when the worker runs the model.
+        x = np.zeros((20, 1, 5, 5), dtype=np.float32)
+        buf = io.BytesIO()
+        np.savez(buf, inputs=x, labels=np.zeros(20, dtype=np.int64))
+        wrong_shape = submit(stack.client, tiny_cnn, QUICK, data=("eval.npz", buf.getvalue()))
+        top_k = submit(stack.client, tiny_cnn, {"metric": {"name": "accuracy"}, "estimator": {"top_k": 50}})
+        for job, needle in ((no_layer, "block9"), (wrong_shape, "shape"), (top_k, "top_k")):
+            failed = stack.wait(job["id"], ("failed", "succeeded"))
+            assert failed["state"] == "failed", failed
+            assert needle in failed["error"]["detail"], failed["error"]
+            assert "Traceback" not in failed["error"]["detail"] and failed["error"]["type"].endswith("error")
+            assert events(stack, job["id"])[-1][1:] == ("done", {"state": "failed"})
 
 
 def test_bad_requests_get_problem_documents_naming_the_field(stack, tiny_cnn, tmp_path):

@@ -16,7 +16,7 @@ from app.core.deps import BusDep, QueueDep, SettingsDep, StoreDep
 from app.core.problems import MEDIA_TYPE
 from app.keys.deps import TenantDep
 
-from . import service
+from . import importance, service
 from .schemas import JobOut, Neuron, Page
 from .states import JobState
 
@@ -40,6 +40,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 @router.post("", status_code=202, response_model=JobOut, responses=ERRORS)
 async def submit_job(
+    request: Request,
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
@@ -63,9 +64,23 @@ async def submit_job(
     ],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict:
-    """Start a job: rank the model's neurons for the metric on the data."""
+    """Start a job: rank the model's neurons for the metric on the data.
+
+    Answered once the model is known to load, take the data and fit the spec (a 422 `model-error`, `data-error`
+    or `spec-error` otherwise, and no job).
+    """
     job, _ = await service.create_job(
-        session, settings, store, queue, bus, tenant, spec, _upload(model), _upload(data), idempotency_key
+        session,
+        settings,
+        store,
+        queue,
+        bus,
+        tenant,
+        spec,
+        _upload(model),
+        _upload(data),
+        idempotency_key,
+        request.app.state.check_upload,
     )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return await run_in_threadpool(service.job_view, job, bus)  # it may ask Redis: off the event loop
@@ -142,6 +157,12 @@ async def job_events(
 def get_ablation(job_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     """The metric after removing the top 1..K neurons by estimated value, beside removing K random ones."""
     return service.get_ablation(session, service.get_job(session, tenant, job_id))
+
+
+@router.get("/{job_id}/importance", responses=ERRORS)
+def get_importance(job_id: str, session: SessionDep, bus: BusDep, tenant: TenantDep) -> dict:
+    """Every neuron's value, bounds and status per layer, in index order: what a pruning tool's importance reads."""
+    return importance.importance(session, bus, service.get_job(session, tenant, job_id))
 
 
 def _upload(file: UploadFile) -> service.Upload:

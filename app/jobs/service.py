@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -80,7 +80,8 @@ def parse_spec(text: str, limit: int) -> JobSpec:
         raise Problem(422, "invalid-spec", "Invalid spec", detail, field=where) from exc
 
 
-async def _store_upload(store: BlobStore, upload: Upload, limit: int, field: str) -> tuple[str, int]:
+async def _store_upload(store: BlobStore, upload: Upload, limit: int, field: str, held: list[str]) -> str:
+    """Store an upload; its digest joins ``held``, the blobs this request pinned (and deletes if it is refused)."""
     try:
         digest, size = await store.put_stream(upload.chunks, limit)
     except BlobTooLarge as exc:
@@ -91,18 +92,25 @@ async def _store_upload(store: BlobStore, upload: Upload, limit: int, field: str
             f"The {field} file is larger than this service's limit of {exc.limit} bytes.",
             field=field,
         ) from exc
+    held.append(digest)
     if size == 0:
         raise Problem(422, "invalid-file", "Invalid file", f"The {field} file is empty.", field=field)
-    return digest, size
+    return digest
 
 
 def _forget_blob(session: Session, store: BlobStore, digest: str) -> None:
     """Delete a blob no job refers to (a job shares a blob with every other upload of the same bytes)."""
-    used = session.scalar(
-        select(func.count()).select_from(Job).where(or_(Job.model_blob == digest, Job.data_blob == digest))
-    )
-    if not used:
-        store.delete(digest)
+
+    def unused() -> bool:
+        refs = select(func.count()).select_from(Job).where(or_(Job.model_blob == digest, Job.data_blob == digest))
+        return not session.scalar(refs)
+
+    store.delete(digest, unused)
+
+
+def _forget_blobs(session: Session, store: BlobStore, digests: Iterable[str]) -> None:
+    for digest in digests:
+        _forget_blob(session, store, digest)
 
 
 async def create_job(
@@ -116,56 +124,89 @@ async def create_job(
     model: Upload,
     data: Upload,
     idempotency_key: str | None,
+    check: uploads.CheckUpload | None = None,
 ) -> tuple[Job, bool]:
-    """Store the uploads, record the job and queue it. Returns the job and whether it is new.
+    """Store the uploads, check them, record the job and queue it. Returns the job and whether it is new.
 
-    With an ``Idempotency-Key``, a retry of the same request returns the job
-    the first one made; the same key with another payload is refused.
+    ``check`` (where the service has one and ``preflight_timeout_s`` is not 0) is asked whether the model loads,
+    takes the data and fits the spec; a refusal is a 422 and no job. Whatever refuses the submission once its
+    files are stored deletes them, unless a job or another request of the same bytes holds them. With an
+    ``Idempotency-Key``, a retry of the same request returns the job the first one made; the same key with
+    another payload is refused.
     """
     spec = parse_spec(spec_text, settings.max_spec_bytes)
-    model_blob, _ = await _store_upload(store, model, settings.max_model_bytes, "model")
-    data_blob, _ = await _store_upload(store, data, settings.max_data_bytes, "data")
-    # The rest blocks on the database: in a worker thread, so that a slow database (or a wait for a pooled
-    # connection) never stalls the event loop, which every other request, and the release of their
-    # connections, goes through.
-    return await run_in_threadpool(
-        _record_job,
-        session,
-        settings,
-        store,
-        queue,
-        bus,
-        tenant,
-        spec,
-        (model.filename, model_blob),
-        (data.filename, data_blob),
-        idempotency_key,
-    )
+    held: list[str] = []
+    refused = False
+    try:
+        model_blob = await _store_upload(store, model, settings.max_model_bytes, "model", held)
+        data_blob = await _store_upload(store, data, settings.max_data_bytes, "data", held)
+        # What blocks on the database runs in a worker thread, so that a slow database (or a wait for a pooled
+        # connection) never stalls the event loop, which every other request, and the release of their
+        # connections, goes through.
+        model_up, data_up, request_hash, existing = await run_in_threadpool(
+            _admit,
+            session,
+            settings,
+            store,
+            tenant,
+            spec,
+            (model.filename, model_blob),
+            (data.filename, data_blob),
+            idempotency_key,
+        )
+        if existing is not None:
+            return existing, False
+        if check is not None and settings.preflight_timeout_s > 0:
+            rejection = await run_in_threadpool(check, spec, model_up, data_up, settings.preflight_timeout_s)
+            if rejection is not None:
+                raise uploads.rejected(rejection)
+        return await run_in_threadpool(
+            _record_job,
+            session,
+            settings,
+            queue,
+            bus,
+            tenant,
+            spec,
+            (model_blob, model_up),
+            (data_blob, data_up),
+            request_hash,
+            idempotency_key,
+        )
+    except Problem:
+        refused = True
+        raise
+    finally:
+        for digest in held:
+            store.unpin(digest)
+        if refused:
+            await run_in_threadpool(_forget_blobs, session, store, held)
 
 
-def _record_job(
+def _admit(
     session: Session,
     settings: Settings,
     store: BlobStore,
-    queue: Queue,
-    bus: Bus,
     tenant: str,
     spec: JobSpec,
     model: tuple[str | None, str],
     data: tuple[str | None, str],
     idempotency_key: str | None,
-) -> tuple[Job, bool]:
+) -> tuple[uploads.StoredUpload, uploads.StoredUpload, str, Job | None]:
+    """What is cheap to refuse, before the uploads are checked: their formats, the Idempotency-Key (a retry gets
+    its job back), the tenant's quota. Returns the uploads, the request's hash and the job a retry made, if any."""
     (model_name, model_blob), (data_name, data_blob) = model, data
-    try:
-        model_fmt = uploads.model_format(model_name, store.path(model_blob), settings.allow_pickle_models)
-        data_fmt = uploads.data_format(data_name, store.path(data_blob), settings.max_data_bytes)
-    except Problem:
-        _forget_blob(session, store, model_blob)
-        _forget_blob(session, store, data_blob)
-        raise
-
+    model_up = uploads.StoredUpload(
+        store.path(model_blob),
+        uploads.model_format(model_name, store.path(model_blob), settings.allow_pickle_models),
+        model_name,
+    )
+    data_up = uploads.StoredUpload(
+        store.path(data_blob), uploads.data_format(data_name, store.path(data_blob), settings.max_data_bytes), data_name
+    )
     spec_json = spec.model_dump(mode="json", by_alias=True)
     request_hash = hashlib.sha256(json.dumps([spec_json, model_blob, data_blob], sort_keys=True).encode()).hexdigest()
+    existing = None
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= 200:
             raise Problem(
@@ -176,19 +217,35 @@ def _record_job(
                 field="Idempotency-Key",
             )
         existing = _by_idempotency_key(session, tenant, idempotency_key, request_hash)
-        if existing is not None:
-            return existing, False
+    if existing is None:
+        _check_quota(session, settings, tenant)
+        session.rollback()  # hold no connection while the uploads are checked (seconds)
+    return model_up, data_up, request_hash, existing
 
-    _check_quota(session, settings, tenant)
+
+def _record_job(
+    session: Session,
+    settings: Settings,
+    queue: Queue,
+    bus: Bus,
+    tenant: str,
+    spec: JobSpec,
+    model: tuple[str, uploads.StoredUpload],
+    data: tuple[str, uploads.StoredUpload],
+    request_hash: str,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    (model_blob, model_up), (data_blob, data_up) = model, data
+    _check_quota(session, settings, tenant)  # again: other jobs may have been made while the uploads were checked
     job = lifecycle.new_job(
         id=f"j_{secrets.token_hex(10)}",
         tenant=tenant,
         name=spec.name,
-        spec=spec_json,
+        spec=spec.model_dump(mode="json", by_alias=True),
         model_blob=model_blob,
-        model_format=model_fmt,
+        model_format=model_up.format,
         data_blob=data_blob,
-        data_format=data_fmt,
+        data_format=data_up.format,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         progress=Progress().model_dump(),
@@ -419,8 +476,7 @@ def delete_job(session: Session, store: BlobStore, bus: Bus, tenant: str, job_id
         session.execute(delete(table).where(table.job_id == job_id))
     session.delete(job)
     session.commit()
-    for digest in blobs:
-        _forget_blob(session, store, digest)
+    _forget_blobs(session, store, blobs)
     best_effort(job_id, "clearing the deleted job's live state", lambda: bus.clear(job_id))  # else it expires
 
 

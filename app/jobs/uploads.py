@@ -3,8 +3,9 @@
 The API checks what it can without torch: the model's container format
 (and whether loading it would run code), and the data file's arrays, their
 names, dtypes and shapes, read from headers only (a multi-GB data file is
-never loaded here). Whether the model accepts the data is found by the
-worker, which fails the job with the loader's message.
+never loaded here). Whether the model loads, accepts the data and fits the
+spec needs torch: a :class:`CheckUpload` answers that, injected by whoever
+assembles the service (``neuronshap.server`` wires ``worker.preflight``).
 """
 
 from __future__ import annotations
@@ -12,16 +13,59 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Protocol
 
 import numpy as np
 
 from app.core.problems import Problem
 
+from .spec import JobSpec
+
 MAX_NPZ_MEMBERS = 16
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".torchscript"}
 INT_DTYPES = {"int64", "int32", "int16", "int8", "uint8", "I64", "I32", "I16", "I8", "U8"}
-FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16", "F32", "F64", "F16", "BF16"}
+FLOAT_DTYPES = {"float32", "float64", "float16", "F32", "F64", "F16"}
+BFLOAT16 = {"bfloat16", "BF16"}  # floating point, but numpy (which reads the data) has no such type
+RejectedPart = Literal["model", "data", "spec"]
+
+
+@dataclass(frozen=True)
+class StoredUpload:
+    """An upload in the blob store: where its bytes are, its format (``onnx``, ``npz``…) and the name its client
+    gave it, which is what messages about it say (never the blob's path)."""
+
+    path: Path
+    format: str
+    filename: str | None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a check refused a submission: the part at fault, and a message that names the file and the fix."""
+
+    part: RejectedPart
+    detail: str
+
+
+class CheckUpload(Protocol):
+    """Does the model load, take the data and fit the spec? Takes up to ``timeout_s``.
+
+    Returns a :class:`Rejection`, or None when the uploads passed or the check
+    could not tell in time (the worker, which checks again, judges the job).
+    """
+
+    def __call__(
+        self, spec: JobSpec, model: StoredUpload, data: StoredUpload, timeout_s: float
+    ) -> Rejection | None: ...
+
+
+def rejected(rejection: Rejection) -> Problem:
+    """The problem a :class:`Rejection` is answered with: ``model-error``, ``data-error`` or ``spec-error``, the
+    types a job failed by the worker has for the same mistakes."""
+    titles = {"model": "Model rejected", "data": "Data rejected", "spec": "Spec does not fit the model"}
+    return Problem(422, f"{rejection.part}-error", titles[rejection.part], rejection.detail, field=rejection.part)
 
 
 def _unsupported(field: str, detail: str) -> Problem:
@@ -90,7 +134,7 @@ def data_format(filename: str | None, path: Path, max_unpacked: int) -> str:
             f"The data must be .npz or .safetensors with arrays `inputs`, `labels` and "
             f"optionally `groups`; got {filename or 'a file without a name'!r}.",
         )
-    _check_arrays(arrays)
+    _check_arrays(arrays, Path(filename or "the data file").name)
     return fmt
 
 
@@ -152,7 +196,7 @@ def _safetensors_headers(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         ) from exc
 
 
-def _check_arrays(arrays: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+def _check_arrays(arrays: dict[str, tuple[str, tuple[int, ...]]], source: str) -> None:
     for needed in ("inputs", "labels"):
         if needed not in arrays:
             raise _bad(
@@ -161,6 +205,14 @@ def _check_arrays(arrays: dict[str, tuple[str, tuple[int, ...]]]) -> None:
                 "`labels` (int64) and, for group metrics, `groups` (int64).",
             )
     in_dtype, in_shape = arrays["inputs"]
+    if in_dtype in BFLOAT16:
+        raise rejected(
+            Rejection(
+                "data",
+                f"{source}: `inputs` has dtype {in_dtype}, which this service cannot read (numpy has no "
+                "bfloat16); save it as float32 (inputs.float() in torch before safetensors' save_file).",
+            )
+        )
     if in_dtype not in FLOAT_DTYPES:
         raise _bad("data", f"`inputs` has dtype {in_dtype}; it must be floating point (float32).")
     if len(in_shape) < 1 or in_shape[0] == 0:

@@ -25,7 +25,6 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.core.db import migrate
-from app.main import create_app
 from neuronshap.server import create_server_app
 from tests.harness.services import full_settings, namespace, postgres_schema
 
@@ -71,7 +70,8 @@ def full(tmp: Path, *, worker: bool = True, **overrides) -> Iterator[Stack]:
             migrate(database_url)
             log = tmp / "worker.log"
             with worker_process(settings, log) if worker else contextlib.nullcontext():
-                with TestClient(create_app(settings)) as client:
+                # The API as `neuronshap serve` assembles it: with a broker, that is the submission check and Celery.
+                with TestClient(create_server_app(settings)) as client:
                     yield Stack("full", settings, client, log)
     finally:
         ns.drop()
