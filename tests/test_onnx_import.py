@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from tests.harness.archs import i64, onnx_graph, rand
 from worker.shapley.errors import ModelError
 from worker.shapley.onnx_import import onnx_to_graph_module
 
@@ -170,28 +171,8 @@ def test_fixed_batch_export_still_converts(tmp_path):
 # Single-op models built with onnx.helper, checked against onnxruntime.
 
 
-def _model(nodes, consts=None, opset=17, x_shape=(2, 3, 7, 7), extra_opsets=()) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-        [helper.make_empty_tensor_value_info("y")],
-        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in (consts or {}).items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
-    return onnx.shape_inference.infer_shapes(model)  # fills in y's type, which the checker requires
-
-
-def _rand(*shape):
-    return np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
-
-
-def _i64(*values):
-    return np.array(values, dtype=np.int64)
-
-
 N = helper.make_node
-W = {"w": _rand(4, 3, 3, 3), "b": _rand(4)}
+W = {"w": rand(4, 3, 3, 3), "b": rand(4)}
 # name: (nodes, initializers, opset, input shape)
 # fmt: off
 OP_CASES = {
@@ -203,20 +184,20 @@ OP_CASES = {
     "conv-valid": ([N("Conv", ["x", "w", "b"], ["y"], auto_pad="VALID")], W, 17, (2, 3, 7, 7)),
     "conv3d-group-dilation": (
         [N("Conv", ["x", "w3"], ["y"], group=2, dilations=[1, 2, 1], pads=[1, 1, 1, 1, 1, 1])],
-        {"w3": _rand(4, 2, 3, 3, 2)}, 17, (1, 4, 5, 6, 5)),
+        {"w3": rand(4, 2, 3, 3, 2)}, 17, (1, 4, 5, 6, 5)),
     "gemm-trans-alpha-beta": (
         [N("Gemm", ["x", "gw", "gc"], ["y"], alpha=0.5, beta=2.0, transA=1)],
-        {"gw": _rand(5, 4), "gc": _rand(1, 4)}, 11, (5, 3)),
+        {"gw": rand(5, 4), "gc": rand(1, 4)}, 11, (5, 3)),
     "gemm-per-row-c": (
         [N("Gemm", ["x", "gw", "gc"], ["y"], beta=0.5, transB=1)],
-        {"gw": _rand(4, 5), "gc": _rand(3, 4)}, 13, (3, 5)),
+        {"gw": rand(4, 5), "gc": rand(3, 4)}, 13, (3, 5)),
     "gemm-computed-b": (
         [N("Relu", ["gw"], ["r"]), N("Gemm", ["x", "r", "gc"], ["y"], alpha=2.0, transB=1)],
-        {"gw": _rand(4, 5), "gc": _rand(4)}, 13, (3, 5)),
-    "matmul-3d-no-bias": ([N("MatMul", ["x", "mw"], ["y"])], {"mw": _rand(7, 2)}, 17, (2, 3, 7)),
+        {"gw": rand(4, 5), "gc": rand(4)}, 13, (3, 5)),
+    "matmul-3d-no-bias": ([N("MatMul", ["x", "mw"], ["y"])], {"mw": rand(7, 2)}, 17, (2, 3, 7)),
     "matmul-add-bias-first": (
         [N("MatMul", ["x", "mw"], ["m"]), N("Add", ["mb", "m"], ["y"])],
-        {"mw": _rand(7, 2), "mb": _rand(2)}, 17, (2, 3, 7)),
+        {"mw": rand(7, 2), "mb": rand(2)}, 17, (2, 3, 7)),
     "matmul-computed": (
         [N("Transpose", ["x"], ["t"], perm=[0, 2, 1]), N("MatMul", ["x", "t"], ["y"])], {}, 17, (2, 3, 7)),
     "softmax-opset11-coerced": ([N("Softmax", ["x"], ["y"], axis=1)], {}, 11, (2, 3, 4)),
@@ -226,9 +207,9 @@ OP_CASES = {
     "squeeze-unsqueeze-attrs": (
         [N("Unsqueeze", ["x"], ["u"], axes=[0, -1]), N("Squeeze", ["u"], ["y"], axes=[0])], {}, 11, (2, 3)),
     "squeeze-unsqueeze-inputs": (
-        [N("Unsqueeze", ["x", "ax"], ["u"]), N("Squeeze", ["u"], ["y"])], {"ax": _i64(1, 3)}, 13, (2, 3)),
+        [N("Unsqueeze", ["x", "ax"], ["u"]), N("Squeeze", ["u"], ["y"])], {"ax": i64(1, 3)}, 13, (2, 3)),
     "reducemean-axes-input": (
-        [N("ReduceMean", ["x", "ax"], ["y"], keepdims=0)], {"ax": _i64(-1, 1)}, 18, (2, 3, 4)),
+        [N("ReduceMean", ["x", "ax"], ["y"], keepdims=0)], {"ax": i64(-1, 1)}, 18, (2, 3, 4)),
     "reducemean-axes-attr": ([N("ReduceMean", ["x"], ["y"], axes=[1])], {}, 13, (2, 3, 4)),
     "reducemean-all": ([N("ReduceMean", ["x"], ["y"])], {}, 18, (2, 3, 4)),
     "reducesum-noop": ([N("ReduceSum", ["x"], ["y"], noop_with_empty_axes=1)], {}, 13, (2, 3, 4)),
@@ -236,9 +217,9 @@ OP_CASES = {
     "clip-max-only": ([N("Clip", ["x", "", "hi"], ["y"])], {"hi": np.float32(0.3)}, 13, (2, 5)),
     "pad-constant": (
         [N("Pad", ["x", "p", "v"], ["y"])],
-        {"p": _i64(0, 1, 2, 0, 0, 1, 0, 3), "v": np.float32(1.5)}, 11, (1, 2, 3, 3)),
+        {"p": i64(0, 1, 2, 0, 0, 1, 0, 3), "v": np.float32(1.5)}, 11, (1, 2, 3, 3)),
     "pad-axes": (
-        [N("Pad", ["x", "p", "", "ax"], ["y"])], {"p": _i64(1, 0, 2, 3), "ax": _i64(-1, 1)}, 18, (1, 2, 3, 3)),
+        [N("Pad", ["x", "p", "", "ax"], ["y"])], {"p": i64(1, 0, 2, 3), "ax": i64(-1, 1)}, 18, (1, 2, 3, 3)),
     "maxpool-asym-ceil-dilated": (
         [N("MaxPool", ["x"], ["y"], kernel_shape=[3, 2], pads=[0, 1, 2, 0], strides=[2, 2], dilations=[1, 2],
            ceil_mode=1)], {}, 12, (1, 2, 9, 8)),
@@ -264,21 +245,21 @@ OP_CASES = {
     "global-avg-pool-1d": ([N("GlobalAveragePool", ["x"], ["y"])], {}, 11, (2, 3, 5)),
     "batchnorm": (
         [N("BatchNormalization", ["x", "s", "bb", "m", "v"], ["y"], epsilon=1e-3)],
-        {"s": _rand(3), "bb": _rand(3), "m": _rand(3), "v": np.abs(_rand(3)) + 0.5}, 15, (2, 3, 4, 4)),
-    "reshape-zero-and-minus-one": ([N("Reshape", ["x", "sh"], ["y"])], {"sh": _i64(0, -1, 2)}, 14, (2, 3, 4)),
+        {"s": rand(3), "bb": rand(3), "m": rand(3), "v": np.abs(rand(3)) + 0.5}, 15, (2, 3, 4, 4)),
+    "reshape-zero-and-minus-one": ([N("Reshape", ["x", "sh"], ["y"])], {"sh": i64(0, -1, 2)}, 14, (2, 3, 4)),
     "flatten-axis-0": ([N("Flatten", ["x"], ["y"], axis=0)], {}, 13, (2, 3, 4)),
     "flatten-axis-neg": ([N("Flatten", ["x"], ["y"], axis=-1)], {}, 13, (2, 3, 4)),
     "transpose-default": ([N("Transpose", ["x"], ["y"])], {}, 13, (2, 3, 4)),
     "gather-scalar-negative": ([N("Gather", ["x", "i"], ["y"], axis=1)], {"i": np.int64(-1)}, 13, (2, 3, 4)),
     "gather-matrix": (
-        [N("Gather", ["x", "i"], ["y"], axis=2)], {"i": _i64(0, 3, 1, 1).reshape(2, 2)}, 13, (2, 3, 4)),
+        [N("Gather", ["x", "i"], ["y"], axis=2)], {"i": i64(0, 3, 1, 1).reshape(2, 2)}, 13, (2, 3, 4)),
     "slice-steps": (
         [N("Slice", ["x", "st", "en", "ax", "sp"], ["y"])],
-        {"st": _i64(1, 0), "en": _i64(100, -1), "ax": _i64(2, -1), "sp": _i64(2, 1)}, 13, (2, 3, 7, 5)),
+        {"st": i64(1, 0), "en": i64(100, -1), "ax": i64(2, -1), "sp": i64(2, 1)}, 13, (2, 3, 7, 5)),
     "shape-arithmetic": (  # x.reshape(-1, *(x.shape[1:] // 2)) through a runtime shape tensor
         [N("Shape", ["x"], ["s"], start=1), N("Div", ["s", "two"], ["h"]), N("Concat", ["bat", "h"], ["sh"], axis=0),
          N("Reshape", ["x", "sh"], ["y"])],
-        {"two": _i64(2, 2), "bat": _i64(-1)}, 15, (3, 4, 6)),
+        {"two": i64(2, 2), "bat": i64(-1)}, 15, (3, 4, 6)),
     "cast-int": (
         [N("Mul", ["x", "k"], ["m"]), N("Cast", ["m"], ["y"], to=TensorProto.INT64)], {"k": np.float32(3)}, 13, (2, 5)),
     "activations": (
@@ -293,18 +274,18 @@ OP_CASES = {
         [N("Shape", ["x"], ["s"]), N("ConstantOfShape", ["s"], ["c"], value=helper.make_tensor("v", 1, [1], [1.5])),
          N("Add", ["x", "c"], ["y"])], {}, 13, (2, 3, 4)),
     "constantofshape-default-zero": (
-        [N("ConstantOfShape", ["sh"], ["c"]), N("Add", ["x", "c"], ["y"])], {"sh": _i64(3, 4)}, 9, (2, 3, 4)),
+        [N("ConstantOfShape", ["sh"], ["c"]), N("Add", ["x", "c"], ["y"])], {"sh": i64(3, 4)}, 9, (2, 3, 4)),
     "constantofshape-weight-folded": (  # the ONNX Model Zoo's weights are fills like this one
         [N("ConstantOfShape", ["ws"], ["w_0"], value=helper.make_tensor("v", 1, [1], [0.02])),
-         N("Conv", ["x", "w_0"], ["y"])], {"ws": _i64(4, 3, 3, 3)}, 9, (2, 3, 7, 7)),
-    "sum-three-broadcast": ([N("Sum", ["x", "a", "x"], ["y"])], {"a": _rand(4)}, 13, (2, 3, 4)),
+         N("Conv", ["x", "w_0"], ["y"])], {"ws": i64(4, 3, 3, 3)}, 9, (2, 3, 7, 7)),
+    "sum-three-broadcast": ([N("Sum", ["x", "a", "x"], ["y"])], {"a": rand(4)}, 13, (2, 3, 4)),
     "sum-one": ([N("Sum", ["x"], ["y"])], {}, 8, (2, 3)),
     "lrn-odd": ([N("LRN", ["x"], ["y"], size=5, alpha=1e-2, beta=0.75, bias=2.0)], {}, 13, (2, 7, 4, 3)),
     "lrn-defaults": ([N("LRN", ["x"], ["y"], size=3)], {}, 13, (2, 6, 3, 3)),  # onnxruntime: odd size, 4-D only
     "lrn-opset9-wide": ([N("LRN", ["x"], ["y"], size=7, alpha=0.5, beta=1.5)], {}, 9, (2, 5, 4, 2)),
     "weight-behind-reshape": (  # Inception v1's classifier: Gemm whose B is a reshaped constant
         [N("Reshape", ["gw", "gs"], ["w"]), N("Gemm", ["x", "w", "gc"], ["y"], transB=1)],
-        {"gw": _rand(4, 5, 1, 1), "gs": _i64(4, 5), "gc": _rand(4)}, 9, (3, 5)),
+        {"gw": rand(4, 5, 1, 1), "gs": i64(4, 5), "gc": rand(4)}, 9, (3, 5)),
 }
 # fmt: on
 
@@ -312,9 +293,9 @@ OP_CASES = {
 @pytest.mark.parametrize("case", OP_CASES.values(), ids=OP_CASES.keys())
 def test_single_op_matches_onnxruntime(case):
     nodes, consts, opset, x_shape = case
-    model = _model(nodes, consts, opset, x_shape)
+    model = onnx_graph(nodes, consts, opset, x_shape)
     onnx.checker.check_model(model)
-    x = _rand(*x_shape)
+    x = rand(*x_shape)
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (expected,) = session.run(None, {"x": x})
     with torch.no_grad():
@@ -324,7 +305,7 @@ def test_single_op_matches_onnxruntime(case):
 
 
 def test_layer_name_rules_and_uniqueness():
-    w = _rand(3, 3, 1, 1)
+    w = rand(3, 3, 1, 1)
     scoped = N("Conv", ["c0", "w1"], ["c1"], name="node_conv2d_1")
     scoped.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['', 'layer1', '0', 'conv1', 'conv2d']")
     nodes = [
@@ -337,7 +318,7 @@ def test_layer_name_rules_and_uniqueness():
         N("Conv", ["c5", "w5"], ["y"], name="shared_1"),  # already takes the first suffix
     ]
     consts = {k: w for k in ["shared.weight", "w1", "w2", "w3", "w4", "w5"]}
-    gm = onnx_to_graph_module(_model(nodes, consts, 17, (1, 3, 4, 4)).SerializeToString())
+    gm = onnx_to_graph_module(onnx_graph(nodes, consts, 17, (1, 3, 4, 4)).SerializeToString())
     names = [n.meta["layer"] for n in gm.graph.nodes if "layer" in n.meta]
     assert names == [
         "shared",
@@ -362,7 +343,7 @@ def _raises(source, *fragments):
 
 
 def _tiny_model() -> onnx.ModelProto:
-    return _model([N("Conv", ["x", "w", "b"], ["y"])], W, 17)
+    return onnx_graph([N("Conv", ["x", "w", "b"], ["y"])], W, 17)
 
 
 def test_rejects_random_bytes(tmp_path):
@@ -381,7 +362,7 @@ def test_rejects_truncated_file(tmp_path):
 
 def test_rejects_custom_domain():
     nodes = [N("Relu", ["x"], ["r"]), N("FancyOp", ["r"], ["y"], domain="com.example")]
-    model = _model(nodes, extra_opsets=[helper.make_opsetid("com.example", 1)])
+    model = onnx_graph(nodes, extra_opsets=[helper.make_opsetid("com.example", 1)])
     _raises(model.SerializeToString(), "custom operators", "com.example::FancyOp", ".pt2")
 
 
@@ -390,7 +371,7 @@ def test_rejects_unsupported_ops_all_at_once():
         N("Hardmax", ["x"], ["h"]),
         N("LSTM", ["h", "lw", "lr"], ["y"], hidden_size=2),
     ]
-    model = _model(nodes, {"lw": _rand(1, 8, 7), "lr": _rand(1, 8, 2)}, 17, (7, 1, 7))
+    model = onnx_graph(nodes, {"lw": rand(1, 8, 7), "lr": rand(1, 8, 2)}, 17, (7, 1, 7))
     _raises(model.SerializeToString(), "does not support: Hardmax, LSTM", "re-export", ".pt2")
 
 
@@ -406,7 +387,7 @@ def test_rejects_several_inputs_or_outputs():
     two_in = _tiny_model()
     two_in.graph.input.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1]))
     _raises(two_in.SerializeToString(), "2 inputs (x, z)", "single tensor")
-    two_out = _model([N("Relu", ["x"], ["y"]), N("Neg", ["x"], ["n"])])
+    two_out = onnx_graph([N("Relu", ["x"], ["y"]), N("Neg", ["x"], ["n"])])
     two_out.graph.output.append(helper.make_tensor_value_info("n", TensorProto.FLOAT, None))
     _raises(two_out.SerializeToString(), "2 outputs (y, n)", "single tensor")
 
@@ -419,8 +400,8 @@ def test_folded_weight_is_a_layer_named_after_the_weight():
         N("Reshape", ["fc_w_0", "gs"], ["w"]),
         N("Gemm", ["f", "w", "fc_b_0"], ["y"], transB=1),
     ]
-    consts = {"ws": _i64(4, 3, 3, 3), "fc_w_0": _rand(2, 4 * 25, 1), "gs": _i64(2, 100), "fc_b_0": _rand(2)}
-    gm = onnx_to_graph_module(_model(nodes, consts, 9, (1, 3, 7, 7)).SerializeToString())
+    consts = {"ws": i64(4, 3, 3, 3), "fc_w_0": rand(2, 4 * 25, 1), "gs": i64(2, 100), "fc_b_0": rand(2)}
+    gm = onnx_to_graph_module(onnx_graph(nodes, consts, 9, (1, 3, 7, 7)).SerializeToString())
     assert gm.meta["onnx_upgraded_from_opset"] == 9
     sites = {n.meta["layer"]: n.meta["layer_kind"] for n in gm.graph.nodes if "layer" in n.meta}
     assert sites == {"conv1": "conv", "fc": "linear"}
@@ -433,17 +414,17 @@ def test_batch_fixed_at_one_is_freed_only_where_provable():
         N("Reshape", ["c", "sh"], ["r"]),
         N("Gemm", ["r", "gw", "gb"], ["y"], transB=1),
     ]
-    consts = {**W, "sh": _i64(1, 64), "gw": _rand(5, 64), "gb": _rand(5)}
-    model = _model(nodes, consts, 11, (1, 3, 4, 4))
+    consts = {**W, "sh": i64(1, 64), "gw": rand(5, 64), "gb": rand(5)}
+    model = onnx_graph(nodes, consts, 11, (1, 3, 4, 4))
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     gm = onnx_to_graph_module(model.SerializeToString())
     assert gm.meta["onnx_batch_reshapes_rewritten"] == 1
-    x = _rand(3, 3, 4, 4)
+    x = rand(3, 3, 4, 4)
     expected = np.concatenate([session.run(None, {"x": x[i : i + 1]})[0] for i in range(3)])
     with torch.no_grad():
         np.testing.assert_allclose(gm(torch.from_numpy(x)).numpy(), expected, atol=ATOL, rtol=1e-5)
     # With a symbolic batch, Reshape(x, [1, -1]) is the author's (it merges the batch): kept as written.
-    merge = _model([N("Reshape", ["x", "sh"], ["y"])], {"sh": _i64(1, -1)}, 13, ("n", 3))
+    merge = onnx_graph([N("Reshape", ["x", "sh"], ["y"])], {"sh": i64(1, -1)}, 13, ("n", 3))
     gm = onnx_to_graph_module(merge.SerializeToString())
     assert gm.meta["onnx_batch_reshapes_rewritten"] == 0
     assert gm(torch.zeros(4, 3)).shape == (1, 12)
@@ -456,7 +437,7 @@ def test_upgrade_failure_names_a_fix_on_the_file(monkeypatch):
         raise RuntimeError("No adapter for op Upsample")
 
     monkeypatch.setattr(onnx.version_converter, "convert_version", fail)
-    model = _model([N("Relu", ["x"], ["y"])], {}, 9, (2, 3))
+    model = onnx_graph([N("Relu", ["x"], ["y"])], {}, 9, (2, 3))
     _raises(model.SerializeToString(), "opset 9", "No adapter for op Upsample", "convert_version(onnx.load(")
 
 
@@ -464,13 +445,13 @@ def test_lrn_even_size_follows_the_onnx_window():
     # onnxruntime only runs odd sizes; the ONNX spec's window for channel c is
     # [c - floor((size-1)/2), c + ceil((size-1)/2)], which torch centres the other way for even sizes.
     size, alpha, beta, bias = 4, 0.3, 0.75, 1.5
-    x = _rand(2, 6, 3, 3)
+    x = rand(2, 6, 3, 3)
     expected = np.empty_like(x)
     for c in range(6):
         lo, hi = max(0, c - (size - 1) // 2), min(5, c + size // 2)
         square_sum = (x[:, lo : hi + 1] ** 2).sum(1)
         expected[:, c] = x[:, c] / (bias + alpha / size * square_sum) ** beta
-    model = _model([N("LRN", ["x"], ["y"], size=size, alpha=alpha, beta=beta, bias=bias)], {}, 13, x.shape)
+    model = onnx_graph([N("LRN", ["x"], ["y"], size=size, alpha=alpha, beta=beta, bias=bias)], {}, 13, x.shape)
     with torch.no_grad():
         got = onnx_to_graph_module(model.SerializeToString())(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)

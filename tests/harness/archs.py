@@ -5,15 +5,19 @@ rebuilds the constructs its family exports (depthwise convs and
 squeeze-excitation in MobileNetV3, channel shuffle in ShuffleNetV2, residual
 adds in ResNet, Concat branches in Inception, LayerNorm/GELU/attention in
 ConvNeXt and ViT) at a low resolution, with the module names torchvision
-uses, so the layer names the tests expect are the ones users know.
+uses, so the layer names the tests expect are the ones users know.  Below
+them, small ONNX graphs built node by node with ``onnx.helper``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 # A torch.onnx.export configuration: (dynamo, opset_version).
@@ -280,3 +284,44 @@ def export_pt2(model: nn.Module, path: Path) -> Path:
     )
     torch.export.save(program, str(path))
     return path
+
+
+# --------------------------------------------------------------------------
+# ONNX graphs built node by node, for the op-by-op checks against onnxruntime.
+
+
+def onnx_graph(
+    nodes: list[onnx.NodeProto],
+    consts: dict[str, np.ndarray] | None = None,
+    opset: int = 17,
+    x_shape: tuple = (2, 3, 7, 7),
+    extra_opsets: tuple = (),
+    y_shape: tuple | None = None,
+) -> onnx.ModelProto:
+    """A model of ``nodes`` from input ``x`` (float) to output ``y``, with ``consts`` as initializers.
+
+    ``y``'s type is inferred, or declared as ``y_shape`` where shape inference cannot follow the graph.
+    """
+    y = (
+        helper.make_empty_tensor_value_info("y")
+        if y_shape is None
+        else helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)
+    )
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [y],
+        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in (consts or {}).items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
+    return onnx.shape_inference.infer_shapes(model)  # fills in y's type, which the checker requires
+
+
+def rand(*shape: int) -> np.ndarray:
+    """Standard normal float32 values, seeded by the shape."""
+    return np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+
+
+def i64(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)

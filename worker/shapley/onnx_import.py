@@ -802,6 +802,14 @@ def _resize(
             raise ModelError(f"A Resize by scales {scales} changes the batch or channel dimension.")
         out = [math.floor(n * s) for n, s in zip(x.shape[2:], scales[2:], strict=True)]
         kwargs = {"scale_factor": scales[2:]}
+    if mode == "nearest-whole":
+        if any(o % n for o, n in zip(out, x.shape[2:], strict=True)):
+            raise ModelError(
+                f"A nearest Resize from {list(x.shape[2:])} to {out} with the default coordinate_transformation_mode "
+                "(half_pixel) and nearest_mode (round_prefer_floor) is torch's only for a whole-number factor; set "
+                "nearest_mode to round_prefer_ceil in the ONNX file (onnx.helper) if that is what the model means."
+            )
+        mode = "nearest"
     if pytorch_half_pixel and 1 in out and mode != "nearest-exact":
         # ONNX samples coordinate 0 for a length-1 output; torch samples the middle.
         raise ModelError(
@@ -1259,6 +1267,9 @@ def _layer_norm_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
 _RESIZE_MODES = {
     ("nearest", "asymmetric", "floor"): ("nearest", None),
     ("nearest", "half_pixel", "round_prefer_ceil"): ("nearest-exact", None),
+    # ONNX's defaults (and what onnx.version_converter makes of an opset-9 Upsample): torch's nearest
+    # for whole-number upscaling factors only, checked at run time.
+    ("nearest", "half_pixel", "round_prefer_floor"): ("nearest-whole", None),
     ("nearest", "pytorch_half_pixel", "round_prefer_ceil"): ("nearest-exact", None),
     ("linear", "half_pixel", None): ("linear", False),
     ("linear", "pytorch_half_pixel", None): ("linear", False),
@@ -1281,11 +1292,11 @@ def _resize_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
         raise ModelError(
             f"{_describe(node)} resizes with {combination}"
             + (f", nearest_mode={rounding}" if rounding else "")
-            + ", which has no exact torch equivalent. Supported: nearest with asymmetric/floor or "
-            "half_pixel/round_prefer_ceil, and linear with half_pixel, pytorch_half_pixel or align_corners "
-            "(what torch.onnx.export writes for nn.Upsample and F.interpolate). Change the node's attributes in "
-            "the ONNX file with onnx.helper if one of those is what the model means, or replace the node by "
-            "a ConvTranspose with fixed weights."
+            + ", which has no exact torch equivalent. Supported: nearest with asymmetric/floor, "
+            "half_pixel/round_prefer_ceil or (for whole-number upscaling) half_pixel/round_prefer_floor, and "
+            "linear with half_pixel, pytorch_half_pixel or align_corners (what torch.onnx.export writes for "
+            "nn.Upsample and F.interpolate). Change the node's attributes in the ONNX file with onnx.helper "
+            "if one of those is what the model means."
         )
     torch_mode, align_corners = _RESIZE_MODES[(mode, transform, rounding)]
     scales = b.const(node, 2)
