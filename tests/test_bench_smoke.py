@@ -25,6 +25,16 @@ SERVICE = pytest.mark.service  # PostgreSQL and Redis (and, for two of them, a w
             ("(a) Time to a correct top-10", "(b) Evaluations per second", "(c) Achieved FLOP/s", "(d) Defaults sweep"),
             600,
         ),
+        (
+            "bench.bench_contention",
+            ("Contention benchmark", "alone evals/s", "busy evals/s", "alone / busy", "OMP_WAIT_POLICY"),
+            300,
+        ),
+        (
+            "bench.bench_engine",
+            ("Evaluations per second: engine", "engine / plain", "engine / onnxruntime", "Profile of one engine pass"),
+            300,
+        ),
         pytest.param(
             "bench.bench_api_load",
             ("full stack: PostgreSQL + Redis", "embedded default: SQLite", "req/s", "p50 (ms)", "p99 (ms)", "errors"),
