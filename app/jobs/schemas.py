@@ -82,6 +82,36 @@ class Neuron(BaseModel):
     )
 
 
+class RemovedNeuron(BaseModel):
+    """A neuron an edit removes: the job's estimate of it, as ranked."""
+
+    layer: str
+    index: int
+    value: float
+    lower: float
+    upper: float
+
+
+class PruningPlan(BaseModel):
+    """An edit's removed channels per layer, for a structured-pruning tool (``GET …/edits/{id}/pruning-plan``).
+
+    Torch-Pruning takes one layer's list as
+    ``DG.get_pruning_group(model.get_submodule(layer), tp.prune_conv_out_channels, idxs=indices).prune()``
+    (``tp.prune_linear_out_channels`` for a linear layer); tests/test_pruning_handoff.py does exactly that.
+    """
+
+    layers: dict[str, list[int]] = Field(description="layer name → removed channel indices, in removal order")
+    removed: list[RemovedNeuron]
+
+    @classmethod
+    def from_removed(cls, removed: list[dict]) -> PruningPlan:
+        """The plan of an edit's ``removed`` records."""
+        layers: dict[str, list[int]] = {}
+        for record in removed:
+            layers.setdefault(record["layer"], []).append(int(record["index"]))
+        return cls(layers=layers, removed=[RemovedNeuron.model_validate(r) for r in removed])
+
+
 T = TypeVar("T")
 
 
