@@ -8,8 +8,9 @@ evaluation set, make a :class:`NeuronGame`, and run :func:`run_tmab`.
     ranked_neurons(game, estimate)[:10]
 """
 
-from .ablation import ablation_curve
+from .ablation import ablation_curve, weight_norms
 from .data import EvalData, load_data
+from .editing import EditError, run_edit
 from .errors import DataError, ModelError, SpecError, UserInputError
 from .exact import exact_shapley
 from .game import ABLATIONS, NeuronGame
@@ -23,6 +24,7 @@ __all__ = [
     "METRICS",
     "MODES",
     "DataError",
+    "EditError",
     "Estimate",
     "EvalData",
     "MetricSpec",
@@ -38,5 +40,7 @@ __all__ = [
     "ranked_neurons",
     "run_summary",
     "run_tmab",
+    "run_edit",
     "ablation_curve",
+    "weight_norms",
 ]
