@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -173,3 +175,32 @@ def test_a_refusal_keeps_the_bytes_another_request_holds(tmp_path):
     assert store.exists(digest)
     store.delete(digest)
     assert not store.exists(digest)
+
+
+def test_the_check_loads_torch_in_its_child_not_in_the_api_process(tmp_path, tiny_cnn):
+    """Submissions are checked (a 202 and a 422) and the API process has still not imported torch or onnx."""
+    shrunk = tmp_path / "shrunk.onnx"
+    shrunk.write_bytes(with_unsupported_op(tiny_cnn.onnx))
+    probe = f"""
+import sys
+from pathlib import Path
+from fastapi.testclient import TestClient
+from app.core.config import Settings
+from app.main import create_app
+from neuronshap.server import check_upload
+
+data = ("eval.npz", Path({str(tiny_cnn.npz)!r}).read_bytes())
+spec = {{"spec": '{{"metric": {{"name": "accuracy"}}}}'}}
+settings = Settings(data_dir={str(tmp_path / "svc")!r}, preflight_timeout_s=600)
+# Jobs stay queued (nothing runs them in this process): what loads here is the submission's doing alone.
+with TestClient(create_app(settings, run_job=lambda *args: None, check_upload=check_upload)) as client:
+    for model in (Path({str(tiny_cnn.onnx)!r}), Path({str(shrunk)!r})):
+        files = {{"model": (model.name, model.read_bytes()), "data": data}}
+        print(client.post("/v1/jobs", files=files, data=spec).status_code)
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnx")))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=stacks.ROOT, capture_output=True, text=True, timeout=1200
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["202", "422", "[]"], result.stdout
