@@ -148,6 +148,8 @@ def test_a_finished_jobs_page_draws_each_neuron_shown_the_threshold_layers_and_c
         until(lambda: count(browser, "#ablation-plot polyline.curve") > 0, "no ablation curves")
 
         assert text(browser, "state") == "succeeded"
+        for plot in ("neurons-plot", "layers-plot", "ablation-plot"):
+            assert browser.find_element("id", plot).is_displayed(), plot
         assert count(browser, "#neurons-plot circle.mark") == 2 * SHOWN  # the top 20 and the bottom 20
         ranks = browser.execute_script(
             "return [...document.querySelectorAll('#neurons-plot circle.mark')].map(m => +m.dataset.rank)"

@@ -57,6 +57,9 @@ def _template() -> str:
     "/{job_id}/report",
     response_class=HTMLResponse,
     responses={200: {"content": {"text/html": {}}}, 401: PROBLEM, 404: PROBLEM, 503: PROBLEM},
+    # The key is optional here (the module's docstring says why): added to the Bearer requirement, `{}` makes
+    # the operation's security "Bearer, or none".
+    openapi_extra={"security": [{}]},
 )
 def job_report(job_id: str, session: SessionDep, tenant: Annotated[str | None, Depends(_viewer)]) -> HTMLResponse:
     """The job as a page for people: state and progress (live while it runs), the top and bottom neurons with
