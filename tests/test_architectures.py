@@ -10,6 +10,8 @@ the plain one.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnxruntime
 import pytest
@@ -19,6 +21,7 @@ from torch import nn
 from tests.harness.archs import ARCHS, Exporter, build, export_onnx, export_pt2
 from worker.shapley import MetricSpec, NeuronGame
 from worker.shapley.data import EvalData
+from worker.shapley.errors import ModelError, UserInputError
 from worker.shapley.loading import load_model
 from worker.shapley.players import find_layers, select_layers
 
@@ -106,3 +109,65 @@ def test_the_game_builds_and_grouped_evaluation_agrees(loaded):
     with torch.no_grad():
         intact = torch.log_softmax(model(x), 1)[torch.arange(12), labels].mean()
     torch.testing.assert_close(plain.full_values(torch.ones(1, n, dtype=torch.bool)), intact.double().reshape(1))
+
+
+# --------------------------------------------------------------------------
+# Data at another spatial size than the file declares.
+
+
+def _game(gm: torch.fx.GraphModule, x: torch.Tensor) -> NeuronGame:
+    return NeuronGame(gm, EvalData(x, torch.arange(len(x)) % 5), MetricSpec("accuracy"), batch_size=4, device="cpu")
+
+
+_FIXED = {
+    "fixed_pool": ("before layer 'classifier.0' needs 4 values per example", "by GlobalAveragePool"),
+    "fixed_view": ("after layer 'features.0' needs 256 values per example", "Resize (or crop) the data to 16×16"),
+}
+
+
+@pytest.mark.parametrize(
+    "arch, exporter",
+    [
+        pytest.param(arch, exporter, marks=[pytest.mark.slow] if exporter in _SLOW_FORMATS else [])
+        for arch in _FIXED
+        for exporter in ("legacy13", "dynamo18")
+    ],
+)
+def test_a_graph_that_fixes_the_size_refuses_other_sizes_naming_the_construct_and_a_fix(arch, exporter, tmp_path):
+    construct, fix = _FIXED[arch]
+    model = build(arch)
+    gm = load_model(export_onnx(model, tmp_path / "model.onnx", EXPORTERS[exporter]))
+    assert gm(_inputs(model, 2)).shape == (2, 5)
+    # 10×10 still fits the 8×8 pool window (one output) and the Flatten: the file allows it.
+    if arch == "fixed_pool":
+        with torch.no_grad():
+            torch.testing.assert_close(gm(torch.ones(2, 3, 20, 20)), model(torch.ones(2, 3, 20, 20)))
+    x = torch.randn(6, 3, 32, 32)
+    with pytest.raises(ModelError) as direct:
+        gm(x)
+    message = str(direct.value)
+    assert re.match(r"(Flatten|Reshape) node '[^']+' ", message)
+    assert construct in message and fix in message and "3×16×16 (the size the ONNX file declares)" in message
+    # Building the game surfaces the same message.
+    with pytest.raises(UserInputError, match=re.escape(message[:60])):
+        _game(gm, x)
+
+
+@pytest.mark.parametrize("fmt", ["legacy13", "pt2"])
+def test_fully_convolutional_graphs_with_global_pooling_take_other_sizes(fmt, tmp_path):
+    model = build("resnet")  # declared 16×16; adaptive average pooling before the classifier
+    if fmt == "pt2":
+        program = torch.export.export(
+            model,
+            (torch.randn(2, 3, 16, 16),),
+            dynamic_shapes={"x": {0: torch.export.Dim("batch"), 2: torch.export.Dim("h", min=16, max=64), 3: None}},
+        )
+        torch.export.save(program, str(tmp_path / "model.pt2"))
+        gm = load_model(tmp_path / "model.pt2")
+    else:
+        gm = load_model(export_onnx(model, tmp_path / "model.onnx", EXPORTERS[fmt]))
+    x = torch.randn(6, 3, 24, 16) if fmt == "pt2" else torch.randn(6, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+    game = _game(gm, x)
+    assert game.n_players == sum(_hidden_modules(model).values()) - 5

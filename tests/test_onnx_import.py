@@ -386,10 +386,20 @@ def test_rejects_external_data(tmp_path):
 def test_rejects_several_inputs_or_outputs():
     two_in = _tiny_model()
     two_in.graph.input.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1]))
-    _raises(two_in.SerializeToString(), "2 inputs (x, z)", "single tensor")
+    _raises(two_in.SerializeToString(), "2 inputs (x, z)", "make them initializers in the ONNX file")
     two_out = onnx_graph([N("Relu", ["x"], ["y"]), N("Neg", ["x"], ["n"])])
     two_out.graph.output.append(helper.make_tensor_value_info("n", TensorProto.FLOAT, None))
-    _raises(two_out.SerializeToString(), "2 outputs (y, n)", "single tensor")
+    _raises(two_out.SerializeToString(), "2 outputs (y, n)", "Keep only the class scores in the file")
+
+
+def test_refusals_name_a_fix_on_the_onnx_file():
+    nodes = [N("Shape", ["x"], ["s"], start=1), N("ReduceSum", ["x", "s"], ["y"])]  # axes = x.shape[1:] = [1]
+    runtime_axes = onnx_graph(nodes, {}, 15, (2, 1), y_shape=(2, 1))
+    _raises(runtime_axes.SerializeToString(), "computes its axes at run time", "onnxsim model.onnx out.onnx")
+    dilated = onnx_graph([N("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], dilations=[2, 2])], {}, 19)
+    _raises(dilated.SerializeToString(), "uses dilations", "by a depthwise Conv")
+    used_mask = onnx_graph([N("Dropout", ["x"], ["d", "mask"]), N("Cast", ["mask"], ["y"], to=TensorProto.FLOAT)])
+    _raises(used_mask.SerializeToString(), "optional output 'mask'", "Remove its uses from the ONNX file")
 
 
 def test_folded_weight_is_a_layer_named_after_the_weight():

@@ -226,6 +226,28 @@ class TransformerLike(nn.Module):
         return self.head(x[:, 0])
 
 
+class FixedPoolNet(nn.Module):
+    """AlexNet's old head: a fixed 8×8 average pool (the whole map at 16×16) before a Flatten and Linear."""
+
+    input_shape = (3, 16, 16)
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU())
+        self.avgpool = nn.AvgPool2d(8)
+        self.classifier = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class FixedViewNet(FixedPoolNet):
+    """A head that reshapes to a constant ``[-1, 256]``, as ``x.view(-1, 256)`` exports."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).view(-1, 4 * 8 * 8)[:, :4])
+
+
 ARCHS: dict[str, type[nn.Module]] = {
     "mobilenetv3": MobileNetV3Like,
     "shufflenetv2": ShuffleNetV2Like,
@@ -233,12 +255,14 @@ ARCHS: dict[str, type[nn.Module]] = {
     "inception": InceptionLike,
     "transformer": TransformerLike,
 }
+# Graphs that fix the spatial size, for the checks of data at another size.
+FIXED_SIZE: dict[str, type[nn.Module]] = {"fixed_pool": FixedPoolNet, "fixed_view": FixedViewNet}
 
 
 def build(name: str) -> nn.Module:
     """The architecture ``name`` in eval mode, seeded, with BatchNorm statistics that matter."""
     torch.manual_seed(0)
-    model = ARCHS[name]().eval()
+    model = {**ARCHS, **FIXED_SIZE}[name]().eval()
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)

@@ -26,7 +26,7 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import onnx
 import onnx.checker
@@ -109,7 +109,9 @@ def onnx_to_graph_module(source: str | os.PathLike | bytes) -> torch.fx.GraphMod
         upgraded_from = opset
     _validate_ops(model, label)
     batch_reshapes, flatten_output = _free_batch(model, weights)
-    gm = _Builder(model, heavy).build()
+    # Value shapes at the declared input size (batch symbolic): where the graph fixes the spatial size.
+    shapes = _inferred_dims(_shape_only_copy(model))
+    gm = _Builder(model, heavy, shapes).build()
     gm.meta["onnx_opset"] = _opset(model)
     if upgraded_from is not None:
         gm.meta["onnx_upgraded_from_opset"] = upgraded_from
@@ -179,7 +181,9 @@ def _validate(model: onnx.ModelProto, label: str) -> None:
     opset = _opset(model)
     if opset is None:
         raise ModelError(
-            f"{label} imports no standard ONNX opset; re-export it with torch.onnx.export(..., opset_version=17)."
+            f"{label} imports no standard ONNX opset. Declare the one its nodes follow in the file "
+            "(m = onnx.load('model.onnx'); m.opset_import.append(onnx.helper.make_opsetid('', 13)); "
+            "onnx.save(m, 'model.onnx')), or re-export it with torch.onnx.export(..., opset_version=17)."
         )
 
 
@@ -202,15 +206,17 @@ def _validate_io(model: onnx.ModelProto, label: str, weights: set[str]) -> None:
     if len(inputs) != 1:
         raise ModelError(
             f"{label} has {len(inputs)} inputs ({', '.join(inputs) or 'none'}), but the "
-            "estimator feeds exactly one tensor. Wrap the model so forward() takes a "
-            "single tensor and re-export it."
+            "estimator feeds exactly one tensor. If all but one are constants, make them initializers in the "
+            "ONNX file (onnx.numpy_helper.from_array into graph.initializer, and remove them from graph.input); "
+            "otherwise wrap the model so forward() takes a single tensor and re-export it."
         )
     if len(graph.output) != 1:
         raise ModelError(
             f"{label} has {len(graph.output)} outputs "
             f"({', '.join(o.name for o in graph.output)}), but the estimator scores "
-            "exactly one. Wrap the model so forward() returns a single tensor (e.g. only "
-            "the logits) and re-export it."
+            "exactly one. Keep only the class scores in the file (m = onnx.load('model.onnx'); keep = "
+            "[o for o in m.graph.output if o.name == 'logits']; del m.graph.output[:]; m.graph.output.extend(keep); "
+            "onnx.save(m, 'model.onnx'), with the scores' name for 'logits')."
         )
 
     try:
@@ -373,8 +379,14 @@ def _opset(model: onnx.ModelProto) -> int | None:
 class _Builder:
     """Walks the ONNX nodes in order and emits FX nodes for each."""
 
-    def __init__(self, model: onnx.ModelProto, weights: Sequence[onnx.TensorProto] = ()) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        weights: Sequence[onnx.TensorProto] = (),
+        shapes: dict[str, list[int | str | None]] | None = None,
+    ) -> None:
         self.onnx_graph = model.graph
+        self.shapes = shapes or {}
         opset = _opset(model)
         assert opset is not None, "_validate refuses a model without a default-domain opset"
         self.opset = opset
@@ -389,9 +401,11 @@ class _Builder:
         # ConstantOfShape fill), the name of the weight it came from.
         self.origin: dict[str, str] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self.producer: dict[str, onnx.NodeProto] = {}
         for node in model.graph.node:
             for name in node.input:
                 self.consumers[name].append(node)
+            self.producer.update((name, node) for name in node.output)
         self.graph_outputs = {o.name for o in model.graph.output}
         self.skipped: set[str] = set()  # first outputs of nodes folded into another
         self.index = 0
@@ -462,7 +476,8 @@ class _Builder:
             if name and (self.consumers[name] or name in self.graph_outputs):
                 raise ModelError(
                     f"{_describe(node)} uses its optional output {name!r}, which this converter "
-                    f"does not support; export the model in eval mode without it, or {_REEXPORT_HINT}."
+                    "does not support (a training output). Remove its uses from the ONNX file with onnx.helper "
+                    "(an eval-mode export has none)."
                 )
 
     # -- values ----------------------------------------------------------
@@ -472,8 +487,8 @@ class _Builder:
         if name not in self.env:
             if name not in self.consts:
                 raise ModelError(
-                    f"ONNX value {name!r} is used before any node produces it; re-export "
-                    "the model with torch.onnx.export so the graph is topologically sorted."
+                    f"ONNX value {name!r} is used before any node produces it: the file's nodes are not in "
+                    "topological order. Sort them (onnx-simplifier: `onnxsim model.onnx sorted.onnx`), or re-export."
                 )
             self.env[name] = self.buffer(self.consts[name], name)
         return self.env[name]
@@ -502,7 +517,8 @@ class _Builder:
         if tensor is None:
             raise ModelError(
                 f"{_describe(node)} computes its {what} at run time; only "
-                f"constant {what} are supported. Re-export with static {what}, or {_REEXPORT_HINT}."
+                f"constant {what} are supported. Fold them into constants in the ONNX file: onnx-simplifier "
+                f"(`onnxsim model.onnx out.onnx`) evaluates such shape subgraphs."
             )
         return [int(v) for v in tensor.reshape(-1).tolist()]
 
@@ -521,6 +537,79 @@ class _Builder:
             k += 1
             name = f"{base}_{k}"
         return name
+
+    # -- fixed sizes -----------------------------------------------------
+
+    def size_check(self, node: onnx.NodeProto, target: tuple[int, ...] | None) -> tuple[int, tuple[str, str]] | None:
+        """Values per example that a Flatten/Reshape must get for the graph to work, and the error otherwise.
+
+        Data at another spatial size than the file declares reaches the first
+        construct that fixes it here: a layer with a fixed number of input
+        features after the Flatten/Reshape, or a Reshape to a constant
+        per-example shape.  Without a check the layer fails with torch's
+        "mat1 and mat2 shapes cannot be multiplied" (or a Reshape silently
+        moves values between examples), neither of which says what to do.
+        """
+        layer = next((c for c in self.consumers[node.output[0]] if _fixed_in_features(self, c) is not None), None)
+        out = self.shapes.get(node.output[0]) or []
+        flat = _attrs(node).get("axis", 1) == 1 if node.op_type == "Flatten" else len(out) == 2
+        expected: int | None = None
+        if layer is not None and flat:  # x.flatten(1) or x.view(x.size(0), -1) into a linear layer
+            expected = _fixed_in_features(self, layer)
+        elif target is not None and _batch_first(target):  # a constant per-example shape
+            data = self.shapes.get(node.input[0])
+            rest = data[1:] if data else None
+            # Only where the file's own size gives one example at a time (else it is the author's choice).
+            if (
+                rest
+                and all(isinstance(d, int) for d in rest)
+                and math.prod(cast(list[int], rest)) == math.prod(target[1:])
+            ):
+                expected = math.prod(target[1:])
+        if expected is None:
+            return None
+        return expected, self._size_message(node, layer, expected)
+
+    def _size_message(self, node: onnx.NodeProto, layer: onnx.NodeProto | None, expected: int) -> tuple[str, str]:
+        (declared,) = [i for i in self.onnx_graph.input if i.name not in self.initializers]
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in declared.type.tensor_type.shape.dim][1:]
+        if layer is not None:
+            where = f"{_describe(node)} before layer {self._layer_name(layer)!r}"
+        elif (upstream := self._upstream(node, ("Conv", "Gemm", "MatMul"))) is not None:
+            where = f"{_describe(node)} after layer {self._layer_name(upstream)!r}"
+        else:
+            where = _describe(node)
+        if dims and all(dims):
+            needs = f", which inputs of {'×'.join(map(str, dims))} (the size the ONNX file declares) give,"
+            fix = f"Resize (or crop) the data to {'×'.join(map(str, dims[1:]))}, the input size the ONNX file declares"
+        else:
+            needs, fix = "", "Resize the data to the size the model was made for"
+        pool = self._fixed_pool_before(node)
+        if pool is not None:
+            fix += (
+                f", or, to accept any size, replace {_describe(pool)} (a fixed window covering the whole feature map "
+                f"at the declared size) by Global{pool.op_type} in the ONNX file with onnx.helper"
+            )
+        return (
+            f"{where} needs {expected} values per example{needs} but this data gives it ",
+            f": the graph fixes the spatial size there. {fix}.",
+        )
+
+    def _fixed_pool_before(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The AveragePool/MaxPool upstream of ``node`` whose fixed window makes a 1×1 map at the declared size."""
+        up = self._upstream(node, ("AveragePool", "MaxPool", "Conv", "Gemm", "MatMul"))
+        if up is None or up.op_type not in ("AveragePool", "MaxPool"):
+            return None
+        out = self.shapes.get(up.output[0])
+        return up if out and len(out) > 2 and all(d == 1 for d in out[2:]) else None
+
+    def _upstream(self, node: onnx.NodeProto, ops: tuple[str, ...]) -> onnx.NodeProto | None:
+        """The first node of one of ``ops`` on the path of first inputs above ``node``."""
+        while node.input and (up := self.producer.get(node.input[0])) is not None:
+            if up.op_type in ops:
+                return up
+            node = up
+        return None
 
     # -- emission --------------------------------------------------------
 
@@ -558,6 +647,24 @@ class _Builder:
         if node.name.startswith("/") and (name := _join_scopes(node.name.split("/")[:-1])):
             return name
         return node.name or f"{node.op_type.lower()}_{self.index}"
+
+
+def _fixed_in_features(b: _Builder, node: onnx.NodeProto) -> int | None:
+    """The input features of a Gemm/MatMul whose weight is a load-time constant (a linear layer), else None."""
+    if node.op_type not in ("Gemm", "MatMul") or len(node.input) < 2:
+        return None
+    w = b.consts.get(node.input[1])
+    if w is None or w.dim() != 2:
+        return None
+    a = _attrs(node) if node.op_type == "Gemm" else {}
+    if a.get("transA", 0):
+        return None
+    return int(w.shape[1] if a.get("transB", 0) else w.shape[0])
+
+
+def _batch_first(target: tuple[int, ...] | None) -> bool:
+    """A constant Reshape target that keeps the batch first (0: copy it; -1: what is left) and fixes the rest."""
+    return bool(target) and target[0] in (0, -1) and all(t > 0 for t in target[1:])  # type: ignore[index]
 
 
 # Suffixes that mark a tensor as a layer's weight; the rest is the layer's
@@ -656,7 +763,8 @@ def _to_tensor(proto: onnx.TensorProto) -> torch.Tensor:
         raise ModelError(
             f"Tensor {proto.name!r} has ONNX data type "
             f"{onnx.TensorProto.DataType.Name(proto.data_type)}, which is not supported; "
-            "re-export the model in float32."
+            "convert it to float32 in the ONNX file (onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t)"
+            ".astype('float32'), t.name)), or re-export the model in float32."
         )
     return torch.from_numpy(onnx.numpy_helper.to_array(proto).copy())
 
@@ -677,14 +785,28 @@ def _shape(x: torch.Tensor, start: int, end: int | None) -> torch.Tensor:
     return torch.tensor(x.shape[start:end], dtype=torch.int64, device=x.device)
 
 
-def _reshape(x: torch.Tensor, shape: torch.Tensor | tuple[int, ...], allowzero: int) -> torch.Tensor:
+# (values per example, (message before, message after the data's size)): see _Builder.size_check.
+_SizeCheck = tuple[int, tuple[str, str]]
+
+
+def _check_size(x: torch.Tensor, check: _SizeCheck | None) -> None:
+    if check is not None and math.prod(x.shape[1:]) != check[0]:
+        (before, after) = check[1]
+        raise ModelError(f"{before}{'×'.join(map(str, x.shape[1:]))} = {math.prod(x.shape[1:])} values{after}")
+
+
+def _reshape(
+    x: torch.Tensor, shape: torch.Tensor | tuple[int, ...], allowzero: int, check: _SizeCheck | None = None
+) -> torch.Tensor:
+    _check_size(x, check)
     dims = shape.tolist() if isinstance(shape, torch.Tensor) else list(shape)
     if not allowzero:  # ONNX: 0 copies the input's dimension at that position
         dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
     return x.reshape(dims)
 
 
-def _flatten(x: torch.Tensor, axis: int) -> torch.Tensor:
+def _flatten(x: torch.Tensor, axis: int, check: _SizeCheck | None = None) -> torch.Tensor:
+    _check_size(x, check)
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
@@ -963,7 +1085,10 @@ def _conv(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
     elif weight is not None:
         kernel = list(weight.shape[2:])
     else:
-        raise ModelError(f"{_describe(node)} has neither kernel_shape nor a constant weight; {_REEXPORT_HINT}.")
+        raise ModelError(
+            f"{_describe(node)} has neither kernel_shape nor a constant weight. Fold its weight into an "
+            "initializer (`onnxsim model.onnx out.onnx`) or set kernel_shape on the node with onnx.helper."
+        )
     rank = len(kernel)
     strides, dilations = a.get("strides", [1] * rank), a.get("dilations", [1] * rank)
     x = b.value(node.input[0])
@@ -999,7 +1124,11 @@ def _pool(kind: str) -> _Emitter:
                 x = b.call(_pad_spatial, x, spec, float("-inf"))
             return b.call(_MAX_POOL[rank], x, kernel, strides, padding, dilations, ceil_mode)
         if any(d != 1 for d in dilations):
-            raise ModelError(f"{_describe(node)} uses dilations, which torch's avg_pool lacks; {_REEXPORT_HINT}.")
+            raise ModelError(
+                f"{_describe(node)} uses dilations, which torch's avg_pool lacks. Replace it in the ONNX file "
+                "(onnx.helper) by a depthwise Conv (group = channels) with the same kernel, strides, pads and "
+                "dilations and a constant weight of 1/(kernel size)."
+            )
         include_pad = bool(a.get("count_include_pad", 0))
         if spec is None:
             return b.call(_AVG_POOL[rank], x, kernel, strides, padding, ceil_mode, include_pad)
@@ -1101,8 +1230,16 @@ def _transpose_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
 
 def _reshape_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
     shape = b.const(node, 1)
-    target = tuple(shape.tolist()) if shape is not None else b.value(node.input[1])
-    return b.call(_reshape, b.value(node.input[0]), target, _attrs(node).get("allowzero", 0))
+    constant = tuple(int(v) for v in shape.tolist()) if shape is not None else None
+    allowzero = _attrs(node).get("allowzero", 0)
+    # With allowzero a leading 0 is a real zero, not "copy the batch".
+    check = b.size_check(node, constant if not (allowzero and constant and constant[0] == 0) else None)
+    target = constant if constant is not None else b.value(node.input[1])
+    return b.call(_reshape, b.value(node.input[0]), target, allowzero, check)
+
+
+def _flatten_op(b: _Builder, node: onnx.NodeProto) -> torch.fx.Node:
+    return b.call(_flatten, b.value(node.input[0]), _attrs(node).get("axis", 1), b.size_check(node, None))
 
 
 def _axes(b: _Builder, node: onnx.NodeProto) -> list[int] | None:
@@ -1184,7 +1321,10 @@ def _constant(b: _Builder, node: onnx.NodeProto) -> None:
     elif "value_floats" in a or "value_ints" in a:
         tensor = torch.tensor(a.get("value_floats", a.get("value_ints")))
     else:
-        raise ModelError(f"{_describe(node)} holds a {', '.join(a)} value, which is not supported; {_REEXPORT_HINT}.")
+        raise ModelError(
+            f"{_describe(node)} holds a {', '.join(a)} value, which is not supported; replace it in the ONNX file "
+            "by a Constant with a dense tensor value (onnx.helper.make_tensor)."
+        )
     b.consts[node.output[0]] = tensor
 
 
@@ -1351,7 +1491,7 @@ _OPS: dict[str, _Emitter] = {
     "AveragePool": _pool("avg"),
     "GlobalAveragePool": lambda b, n: b.call(_global_pool, b.value(n.input[0]), "mean"),
     "GlobalMaxPool": lambda b, n: b.call(_global_pool, b.value(n.input[0]), "amax"),
-    "Flatten": lambda b, n: b.call(_flatten, b.value(n.input[0]), _attrs(n).get("axis", 1)),
+    "Flatten": _flatten_op,
     "Reshape": _reshape_op,
     "Transpose": _transpose_op,
     "Concat": lambda b, n: b.call(torch.cat, [b.value(i) for i in n.input], dim=_attrs(n)["axis"]),
@@ -1383,7 +1523,7 @@ def _cast_dtype(node: onnx.NodeProto) -> torch.dtype:
     to = _attrs(node)["to"]
     if to not in _DTYPES:
         raise ModelError(
-            f"{_describe(node)} casts to {onnx.TensorProto.DataType.Name(to)}, which is not supported; "
-            f"{_REEXPORT_HINT}."
+            f"{_describe(node)} casts to {onnx.TensorProto.DataType.Name(to)}, which is not supported; make it "
+            "cast to FLOAT in the ONNX file (onnx.helper: set the node's `to` attribute to TensorProto.FLOAT)."
         )
     return _DTYPES[to]
