@@ -273,6 +273,8 @@ def probe(gm: torch.fx.GraphModule, x: torch.Tensor) -> _Recorder:
     try:
         with torch.inference_mode():
             recorder.run(x)
+    except ModelError:  # the model says what it needs itself (onnx_import's checks of a fixed input size)
+        raise
     except Exception as exc:  # the model's own error says what it expected
         raise DataError(
             f"The model failed on a batch of {x.shape[0]} inputs of shape {tuple(x.shape[1:])} "
