@@ -153,7 +153,7 @@ def test_a_graph_that_fixes_the_size_refuses_other_sizes_naming_the_construct_an
         _game(gm, x)
 
 
-@pytest.mark.parametrize("fmt", ["legacy13", "pt2"])
+@pytest.mark.parametrize("fmt", ["legacy13", pytest.param("pt2", marks=pytest.mark.slow)])
 def test_fully_convolutional_graphs_with_global_pooling_take_other_sizes(fmt, tmp_path):
     model = build("resnet")  # declared 16×16; adaptive average pooling before the classifier
     if fmt == "pt2":
