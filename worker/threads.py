@@ -2,16 +2,18 @@
 
 Why a setting, and why this default. torch starts one intra-op thread per
 core of the machine and splits every op between them, so each op waits for
-its slowest thread. A worker shares its node (another worker, the API, a load
-generator): when a neighbour keeps one core busy, the thread that shares that
-core runs half the time and every op waits for it. On a 2-core machine with a
-CPU-bound process pinned to one core, two threads ran the digits CNN's
-evaluations 4.8× slower than alone, one thread 1.0–1.4× slower
-(``bench/bench_contention.py``; ``bench/results/contention.txt``). So the
-default leaves a core to the neighbours: one thread fewer than the cores this
-process may run on (at least one). The cores are the process's CPU affinity
-(what a container's cpuset or ``taskset`` gives it), capped by a cgroup CPU
-quota (``docker run --cpus``) when there is one, not the machine's count.
+its slowest thread, and OpenMP's waiting threads spin. A worker shares its
+node (another worker, the API, a load generator): when a neighbour keeps a
+core busy, the thread that shares that core runs a fraction of the time and
+every op waits for it. On a 2-core machine shared with other work, two
+threads ran the digits CNN's evaluations 5-20x slower than one, with or
+without a process spinning on one core besides (``bench/bench_contention.py``,
+``bench/results/contention.txt``), while one thread lost at most ~2x to the
+spinning neighbour. So the default leaves a core to the neighbours: one
+thread fewer than the cores this process may run on (at least one). The
+cores are the process's CPU affinity (what a container's cpuset or
+``taskset`` gives it), capped by a cgroup CPU quota (``docker run --cpus``)
+when there is one, not the machine's count.
 
 Set once per process, where a job runs (:func:`worker.runner.run_job`, so the
 Celery worker and the embedded queue alike, and ``neuronshap estimate``),
