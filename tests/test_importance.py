@@ -71,8 +71,10 @@ def test_importance_live_while_running_stored_after_and_409_without_estimates(st
 
 
 def test_a_failed_job_has_no_importance_and_an_unknown_job_is_404(stack, tiny_cnn):
-    failed = submit(stack.client, tiny_cnn, {"metric": {"name": "accuracy"}, "players": {"layers": ["block9.*"]}})
-    assert stack.wait(failed["id"], ("failed", "succeeded"))["state"] == "failed"
+    # A budget spent before any informative sample: the job fails no-evidence and stores no neurons.
+    failed = submit(stack.client, tiny_cnn, LONG | {"estimator": LONG["estimator"] | {"max_seconds": 0.01}})
+    ended = stack.wait(failed["id"], ("failed", "succeeded", "cancelled"))
+    assert ended["state"] == "failed" and ended["error"]["type"] == "no-evidence", ended
     body = problem(stack.client.get(f"/v1/jobs/{failed['id']}/importance"), 409)
     assert "failed" in body["detail"]
     problem(stack.client.get("/v1/jobs/j_00000000000000000000/importance"), 404)
