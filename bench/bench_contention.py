@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.bench_engine import engine_step, random_images, rate, tmab_pass
+from bench.bench_engine import code_line, engine_step, random_images, rate, tmab_pass
 from bench.bench_estimator import FULL as ESTIMATOR_FULL
 from bench.bench_estimator import QUICK as ESTIMATOR_QUICK
 from bench.bench_estimator import _load, build_model, machine_lines, out, section, table
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
 
     section(f"Contention benchmark ({scale.name} scale)")
-    for line in machine_lines():
+    for line in [*machine_lines(), code_line()]:
         out(line)
     out(
         f"cores this process may run on: {cores}; the service's default: {default_threads(cores)} threads "

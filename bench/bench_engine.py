@@ -38,6 +38,7 @@ import contextlib
 import cProfile
 import io
 import pstats
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,9 +100,24 @@ class Zoo:
     build_s: float
 
 
+def code_line() -> str:
+    """Which code ran: the commit, and the engine's files changed since (a shared working tree runs others' edits)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", "worker/shapley"], cwd=root, capture_output=True, text=True
+        )
+    except OSError:
+        return "code: unknown (no git)"
+    dirty = [line[3:] for line in changed.stdout.splitlines() if line.strip()]
+    commit = head.stdout.strip() or "unknown"
+    return f"code: commit {commit}; engine files changed since: {', '.join(dirty) or 'none'}"
+
+
 def smallest_size(gm: torch.fx.GraphModule, cap: int | None = None) -> int:
     """The smallest of :data:`SIZES` at which the graph gives class scores (fx prints a failing call's frame to
-    stderr: silenced, the size is just not taken)."""
+    stderr: silenced, that size is just not taken)."""
     for size in SIZES:
         if cap is not None and size > cap:
             break
@@ -110,7 +126,7 @@ def smallest_size(gm: torch.fx.GraphModule, cap: int | None = None) -> int:
                 scores = gm(torch.zeros(2, 3, size, size))
             if scores.ndim == 2 and scores.shape[0] == 2:
                 return size
-        except RuntimeError:
+        except Exception:  # torch's error, or the converter's ModelError naming the size the graph fixes
             continue
     raise RuntimeError(f"the graph takes none of the sizes {SIZES} (up to {cap})")
 
@@ -345,8 +361,8 @@ def profile(name: str, scale: Scale, folder: Path) -> None:
     prefix_s = time.perf_counter() - t
     out(
         f"{LABELS[name]} at {zoo.size} px, batch {scale.batch}, {len(p.masks)} coalitions per pass: one pass "
-        f"{pass_s * 1e3:.0f} ms; the round's prefix ({TMABConfig().lanes} lanes' batches, once per round) "
-        f"{prefix_s * 1e3:.0f} ms"
+        f"{pass_s * 1e3:.1f} ms; the round's prefix ({TMABConfig().lanes} lanes' batches, once per round) "
+        f"{prefix_s * 1e3:.1f} ms"
     )
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
@@ -405,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = apply_threads(args.threads)
     started = time.monotonic()
     section(f"Engine benchmark ({scale.name} scale)")
-    for line in machine_lines():
+    for line in [*machine_lines(), code_line()]:
         out(line)
     out(f"threads: {threads.intra_op} intra-op, {threads.interop} inter-op ({threads.source}, {threads.cores} cores)")
     with tempfile.TemporaryDirectory() as tmp:
