@@ -12,6 +12,7 @@ picture of a finished job's page (every run saves one under pytest's temporary d
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -32,6 +33,22 @@ T = TypeVar("T")
 # 56 neurons, more than the 2 x 20 the page shows: the plot shows the top and bottom ends of the ranking.
 FINISHED = {"metric": {"name": "accuracy"}, "estimator": {"top_k": 5, "max_iterations": 200, "seed": 1}}
 SHOWN = 20
+EDIT = {  # docs/API.md's example of an edit
+    "id": "e_1",
+    "state": "succeeded",
+    "selection": {"negative": True},
+    "removed": [{"layer": "conv2", "index": 17, "value": -0.012, "lower": -0.02, "upper": -0.004}],
+    "metrics": {
+        "job_data": {
+            "before": 0.91,
+            "after": 0.93,
+            "groups": {"0": {"before": 0.99, "after": 0.98}, "1": {"before": 0.80, "after": 0.86}},
+        },
+        "held_out": None,
+    },
+    "curve": None,
+    "error": None,
+}
 
 
 def until(what: Callable[[], T], message: str, timeout: float = 90.0) -> T:
@@ -135,7 +152,7 @@ def refused(browser) -> list[str]:
 
 @pytest.mark.service
 @pytest.mark.slow
-def test_a_finished_jobs_page_draws_each_neuron_shown_the_threshold_layers_and_curves(
+def test_a_finished_jobs_page_draws_each_neuron_shown_the_threshold_layers_curves_and_edits(
     browser, served, small_cnn, tmp_path
 ):
     with httpx.Client(base_url=served, timeout=30) as client:
@@ -186,6 +203,33 @@ def test_a_finished_jobs_page_draws_each_neuron_shown_the_threshold_layers_and_c
         assert shot.read_bytes().startswith(b"\x89PNG")
         if target := os.environ.get("NEURONSHAP_REPORT_SCREENSHOT"):
             shutil.copyfile(shot, target)
+
+        # Edits, as GET …/edits answers them (docs/API.md's Edit): one list entry each, before/after per group.
+        answer = {"items": [EDIT | {"job_id": job["id"]}], "next_cursor": None}
+        script = browser.execute_cdp_cmd(
+            "Page.addScriptToEvaluateOnNewDocument",
+            {
+                "source": "const realFetch = window.fetch; window.fetch = (url, options) => "
+                "String(url).endsWith('/edits') ? Promise.resolve(new Response(JSON.stringify("
+                + json.dumps(answer)
+                + "), {headers: {'Content-Type': 'application/json'}})) : realFetch(url, options);"
+            },
+        )
+        try:
+            browser.refresh()
+            until(lambda: count(browser, "#edits .edit") == 1, "the edits were not shown")
+        finally:
+            browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]})
+        assert browser.find_element("id", "edits-section").is_displayed()
+        figures = browser.execute_script(
+            "return [...document.querySelectorAll('#edits tbody tr')].map(r => [...r.cells].map(c => c.textContent))"
+        )
+        assert figures == [
+            ["job's data", "0.910", "0.930", "+0.0200"],
+            ["  group 0", "0.990", "0.980", "-0.0100"],
+            ["  group 1", "0.800", "0.860", "+0.0600"],
+        ]
+        assert "1 removed: conv2[17]" in text(browser, "edits")
 
 
 @pytest.mark.service
