@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="torch threads (default $NEURONSHAP_THREADS, else one fewer than the cores this process may run on)",
     )
+    est.add_argument(
+        "--activation-memory-mb",
+        type=_positive_int,
+        help="activation memory one forward pass may use, in MiB (default $NEURONSHAP_ACTIVATION_MEMORY_MB, else a "
+        "quarter of the machine's memory on the CPU, 8 GiB on a GPU)",
+    )
     est.add_argument("--limit", type=int, default=20, help="neurons to print as text (--json prints all)")
     est.add_argument(
         "--json", action="store_true", help="print the ranked neurons as a JSON list (docs/API.md's shape)"
@@ -145,6 +151,38 @@ def build_parser() -> argparse.ArgumentParser:
     neurons.add_argument("--json", action="store_true")
     client_args(neurons)
     neurons.set_defaults(handler=cmd_neurons)
+
+    edit = commands.add_parser(
+        "edit",
+        help="remove neurons from a finished job's model: print the metric before and after, write the edited model",
+    )
+    edit.add_argument("job_id")
+    chosen = edit.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--top", type=_positive_int, metavar="K", help="the K highest-valued neurons")
+    chosen.add_argument("--bottom", type=_positive_int, metavar="K", help="the K lowest-valued neurons")
+    chosen.add_argument("--negative", action="store_true", help="every neuron certainly harmful (upper bound < 0)")
+    chosen.add_argument(
+        "--repair",
+        type=_positive_int,
+        metavar="N",
+        help="the lowest-valued neurons, up to N, as many as improve the metric on --data (needed)",
+    )
+    chosen.add_argument(
+        "--prune",
+        type=_prune,
+        metavar="F",
+        help="the lowest-valued neurons: a fraction of them (0.2), or a count (5)",
+    )
+    edit.add_argument("--data", type=Path, help="held-out data in the job's data format (.npz or .safetensors)")
+    edit.add_argument("--out", type=Path, help="where to write the edited ONNX model (default JOB-EDIT.onnx)")
+    edit.add_argument("--json", action="store_true", help="print the edit as JSON instead of the table")
+    client_args(edit)
+    edit.set_defaults(handler=cmd_edit)
+
+    report = commands.add_parser("report", help="print the URL of a job's page (open it in a browser)")
+    report.add_argument("job_id")
+    client_args(report)
+    report.set_defaults(handler=cmd_report)
     return parser
 
 
@@ -202,6 +240,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return value
+
+
+def _prune(text: str) -> dict:
+    """``--prune``: a whole number is a count of neurons, anything else a fraction of them in (0, 1]."""
+    try:
+        return {"count": _positive_int(text)} if text.isdigit() else {"fraction": float(text)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction (0.2) nor a count (5) of neurons") from None
 
 
 def _option(field: str) -> str:
@@ -265,10 +311,18 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     apply_threads(args.threads if args.threads is not None else get_settings().threads)  # before any parallel op
     try:
-        game, config = build_game(job_spec, args.model, args.data, device=args.device, started_at=started_at)
+        memory_mb = args.activation_memory_mb or get_settings().activation_memory_mb
+        game, config = build_game(
+            job_spec,
+            args.model,
+            args.data,
+            device=args.device,
+            started_at=started_at,
+            memory_bytes=None if memory_mb is None else memory_mb << 20,
+        )
     except OutOfTime as exc:
         print(
-            f"neuronshap: stopped: max_seconds after {time.monotonic() - started_at:.1f}s, while loading",
+            f"neuronshap: stopped: max_seconds after {time.monotonic() - started_at:.1f}s, while loading and building",
             file=sys.stderr,
         )
         print(f"neuronshap: error: {exc}", file=sys.stderr)
@@ -457,6 +511,66 @@ def cmd_neurons(args: argparse.Namespace) -> int:
 
     neurons = Client(args.url, args.api_key).neurons(args.job_id, limit=args.limit, order=args.order, layer=args.layer)
     _print_neurons(neurons, args.json)
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """Start the edit, wait for it, print its before/after figures and write the edited model."""
+    from neuronshap.client import Client
+
+    if args.repair is not None and args.data is None:
+        raise UsageError("--repair chooses how many neurons to remove by the metric on held-out data: give --data")
+    if args.data is not None:
+        _require_files(args.data)
+    selection: dict
+    if args.negative:
+        selection = {"negative": True}
+    elif args.repair is not None:
+        selection = {"repair": {"max_neurons": args.repair}}
+    else:
+        selection = next({kind: getattr(args, kind)} for kind in ("top", "bottom", "prune") if getattr(args, kind))
+    client = Client(args.url, args.api_key)
+    edit = client.create_edit(args.job_id, selection, args.data)
+    print(f"edit {edit['id']} of job {args.job_id} {edit['state']}", file=sys.stderr)
+    edit = client.wait_edit(args.job_id, edit["id"])
+    if edit["state"] != "succeeded":
+        detail = (edit.get("error") or {}).get("detail")
+        print(f"neuronshap: edit {edit['id']} failed: {detail}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    out = args.out or Path(f"{args.job_id}-{edit['id']}.onnx")
+    out.write_bytes(client.edited_model(args.job_id, edit["id"]))
+    if args.json:
+        print(json.dumps(edit, indent=2))
+    else:
+        print_edit(edit)
+    print(f"wrote the edited model to {out}", file=sys.stderr)
+    return 0
+
+
+def print_edit(edit: dict) -> None:
+    """What was removed, then the metric before and after on each data set, each group's accuracy under it."""
+    removed = edit["removed"]
+    shown = ", ".join(f"{n['layer']}[{n['index']}]" for n in removed[:12]) + (", …" if len(removed) > 12 else "")
+    print(f"removed {len(removed)} neurons ({edit['ablation']}){': ' + shown if shown else ''}")
+    print(f"{edit['metric']:<18} {'before':>9} {'after':>9} {'change':>9}")
+    for where, label in (("job_data", "job's data"), ("held_out", "held-out data")):
+        figures = edit["metrics"].get(where)
+        if figures is None:
+            continue
+        rows = [(label, figures)] + [(f"  group {g} accuracy", f) for g, f in (figures.get("groups") or {}).items()]
+        for name, f in rows:
+            print(f"{name:<18} {f['before']:>9.4f} {f['after']:>9.4f} {f['after'] - f['before']:>+9.4f}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The page's URL, once the job is known to exist. The key is not printed (a terminal's scrollback is no
+    place for it): the page asks for it, or reads it from the URL's fragment, ``#key=…``."""
+    from neuronshap.client import Client
+
+    job = Client(args.url, args.api_key).job(args.job_id)
+    print(f"{args.url.rstrip('/')}/v1/jobs/{job['id']}/report")
+    if args.api_key:
+        print("the page asks for the API key; or open it with #key=<your key> after the URL", file=sys.stderr)
     return 0
 
 

@@ -11,33 +11,18 @@ batch of 1), which also proves that freeing the batch is exact.
 
 from __future__ import annotations
 
-import math
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime
 import pytest
 import torch
-from onnx import numpy_helper
 
+from tests.harness.zoo import MODELS, ZOO, randomized
 from worker.shapley.loading import load_model
 from worker.shapley.onnx_import import onnx_to_graph_module
 from worker.shapley.players import find_layers, select_layers
-
-ZOO = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
-MODELS = [
-    "bvlc_alexnet",
-    "densenet121",
-    "inception_v1",
-    "inception_v2",
-    "resnet50",
-    "shufflenet",
-    "squeezenet",
-    "vgg19",
-    "zfnet512",
-]
 
 pytestmark = [
     pytest.mark.slow,
@@ -45,73 +30,10 @@ pytestmark = [
 ]
 
 
-def _randomized(name: str, path: Path) -> Path:
-    """The shipped graph with every weight (initializer or ConstantOfShape fill) seeded random."""
-    model = onnx.load(str(ZOO / f"light_{name}.onnx"))
-    graph = model.graph
-    rng = np.random.default_rng(0)
-    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    weights: dict[str, tuple[int, ...]] = {}
-    kept = []
-    for node in graph.node:
-        if node.op_type == "ConstantOfShape" and node.input[0] in inits:
-            weights[node.output[0]] = tuple(int(d) for d in inits[node.input[0]])
-        else:
-            kept.append(node)
-    for t in graph.initializer:
-        if t.data_type == onnx.TensorProto.FLOAT:
-            weights[t.name] = tuple(t.dims)
-    role: dict[str, str] = {}
-    for node in kept:
-        if node.op_type == "BatchNormalization":
-            role.update(zip(node.input[1:5], ["bn_scale", "bn_bias", "bn_mean", "bn_var"], strict=False))
-        elif node.op_type in ("Conv", "Gemm"):
-            role[node.input[1]] = "weight"
-    values = {}
-    for wname, shape in weights.items():
-        kind = role.get(wname)
-        if kind == "weight" and len(shape) >= 2:  # He scaling keeps 100-layer activations in range
-            fan_in = math.prod(shape[1:]) if len(shape) > 2 else min(shape)
-            v = rng.standard_normal(shape, dtype=np.float32)
-            v *= np.float32(math.sqrt(2.0 / fan_in))
-        elif kind in ("bn_scale", "bn_var"):
-            v = rng.uniform(0.5, 1.5, shape).astype(np.float32)
-        else:
-            v = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.05)
-        values[wname] = v
-    if kept[-1].op_type == "Softmax" and kept[-1].output[0] == graph.output[0].name:
-        # Compare logits: random weights saturate the probabilities, which would hide any difference.
-        logits, out = kept.pop().input[0], graph.output[0].name
-        for node in kept:
-            node.input[:] = [out if i == logits else i for i in node.input]
-            node.output[:] = [out if o == logits else o for o in node.output]
-    del graph.node[:]
-    graph.node.extend(kept)
-    ints = [t for t in graph.initializer if t.data_type != onnx.TensorProto.FLOAT and t.name not in weights]
-    used = {i for n in kept for i in n.input}
-    ints = [t for t in ints if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(ints + [numpy_helper.from_array(v, k) for k, v in values.items()])
-    names = {t.name for t in graph.initializer}
-    real_input = [i for i in graph.input if i.name not in inits]
-    typed = {i.name: i for i in graph.input}
-    del graph.input[:]
-    graph.input.extend(real_input)
-    for t in graph.initializer:  # IR 3: every initializer is also a graph input
-        if t.name in typed:
-            graph.input.append(typed[t.name])
-        else:
-            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    assert names
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
 @pytest.fixture(scope="module", params=MODELS)
 def zoo(request, tmp_path_factory):
     name = request.param
-    path = _randomized(name, tmp_path_factory.mktemp("zoo") / f"{name}.onnx")
+    path = randomized(name, tmp_path_factory.mktemp("zoo") / f"{name}.onnx")
     start = time.perf_counter()
     gm = load_model(path)
     seconds = time.perf_counter() - start

@@ -255,7 +255,10 @@ def _build(job: Job, settings: Settings, tmp: Path, started_at: float | None) ->
     model_path.symlink_to(store.path(job.model_blob).resolve())
     data_path.symlink_to(store.path(job.data_blob).resolve())
     try:
-        return build_game(JobSpec.model_validate(job.spec), model_path, data_path, started_at=started_at)
+        memory = None if settings.activation_memory_mb is None else settings.activation_memory_mb << 20
+        return build_game(
+            JobSpec.model_validate(job.spec), model_path, data_path, started_at=started_at, memory_bytes=memory
+        )
     except UserInputError as exc:  # the loaders name the path they read: say `model.onnx`, not a server's temp path
         raise type(exc)(str(exc).replace(f"{tmp}{os.sep}", "")) from exc
 

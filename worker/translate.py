@@ -16,6 +16,7 @@ from pathlib import Path
 from app.jobs.spec import DEFAULT_TOP_K, EstimatorSpec, JobSpec
 from worker.shapley import MetricSpec, NeuronGame, TMABConfig, load_data, load_model
 from worker.shapley.errors import SpecError
+from worker.shapley.game import BuildTimeout
 
 __all__ = ["build_game", "tmab_config", "OutOfTime"]
 
@@ -36,7 +37,7 @@ _TMAB_FIELDS = (
 
 
 class OutOfTime(Exception):
-    """``max_seconds`` ran out while loading, before the game was built: nothing can be measured."""
+    """``max_seconds`` ran out while loading or building the game: nothing can be measured."""
 
 
 def build_game(
@@ -45,35 +46,50 @@ def build_game(
     data_path: Path | str,
     device: str | None = None,
     started_at: float | None = None,
+    memory_bytes: int | None = None,
 ) -> tuple[NeuronGame, TMABConfig]:
     """Load the model and data and make the game and the estimator settings ``spec`` asks for.
 
     With ``started_at`` (``time.monotonic()`` when the run began) and a ``max_seconds`` budget, raises
-    :class:`OutOfTime` when the budget is spent after loading, rather than build a game it has no time to play.
+    :class:`OutOfTime` when the budget is spent while loading or while building the game (its checks run the
+    model, which on a big one takes seconds: they stop between two nodes at the deadline), rather than go on
+    with a game it has no time to play. ``memory_bytes`` bounds the activations of one forward pass
+    (``NEURONSHAP_ACTIVATION_MEMORY_MB``; ``None``: the library's default).
     """
     metric = spec.metric
     model, data = load_model(model_path), load_data(data_path)
     budget = spec.estimator.max_seconds
-    if started_at is not None and budget is not None and time.monotonic() - started_at >= budget:
-        raise OutOfTime(
-            f"No neuron got an informative sample: the max_seconds budget ({budget:g} s) ran out while the model "
-            f"and data were loading ({time.monotonic() - started_at:.1f} s), before the game was built. "
-            "Raise estimator.max_seconds (--max-seconds), or choose fewer layers."
+    deadline = None if started_at is None or budget is None else started_at + budget
+
+    def out_of_time(stage: str) -> OutOfTime:
+        assert started_at is not None and budget is not None
+        return OutOfTime(
+            f"No neuron got an informative sample: the max_seconds budget ({budget:g} s) ran out {stage} "
+            f"({time.monotonic() - started_at:.1f} s). Raise estimator.max_seconds (--max-seconds), "
+            "or choose fewer layers."
         )
-    game = NeuronGame(
-        model,
-        data,
-        MetricSpec(
-            metric.name,
-            class_=metric.class_,
-            group=metric.group,
-            groups=(metric.groups[0], metric.groups[1]) if metric.groups else None,
-        ),
-        layers=spec.players.layers,
-        ablation=spec.players.ablation,
-        batch_size=spec.estimator.batch_size,
-        device=device,
-    )
+
+    if deadline is not None and time.monotonic() >= deadline:
+        raise out_of_time("while the model and data were loading, before the game was built")
+    try:
+        game = NeuronGame(
+            model,
+            data,
+            MetricSpec(
+                metric.name,
+                class_=metric.class_,
+                group=metric.group,
+                groups=(metric.groups[0], metric.groups[1]) if metric.groups else None,
+            ),
+            layers=spec.players.layers,
+            ablation=spec.players.ablation,
+            batch_size=spec.estimator.batch_size,
+            device=device,
+            memory_bytes=memory_bytes,
+            deadline=deadline,
+        )
+    except BuildTimeout:
+        raise out_of_time("while the game was being built (its load-time checks run the model)") from None
     return game, tmab_config(spec.estimator, game.n_players)
 
 

@@ -64,6 +64,13 @@ class Settings(BaseSettings):
         description="torch threads of a process that runs jobs; default one fewer than the cores it may run on "
         "(its CPU affinity and CPU quota), at least 1 (worker/threads.py says why)",
     )
+    activation_memory_mb: int | None = Field(
+        None,
+        ge=1,
+        description="activation memory one forward pass of a job may use (MiB); it bounds coalitions per pass, and "
+        "a model that cannot fit one coalition in it fails saying how much it needs; default: a quarter of the "
+        "machine's memory on the CPU, 8 GiB on a GPU",
+    )
 
     @property
     def resolved_database_url(self) -> str:

@@ -9,6 +9,7 @@ M metric values it reads back per pass.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,14 +18,16 @@ import torch.fx
 from .data import EvalData
 from .errors import ModelError, SpecError
 from .grouped import grouped_suffix
-from .masking import MaskedModel, build_masked_model, probe, record_sites
+from .masking import BuildTimeout, MaskedModel, Probes, build_masked_model, deadline_check, probe_batches, site_means
 from .metrics import Metric, MetricSpec
 from .players import Layer, find_layers, select_layers
 
-__all__ = ["NeuronGame", "Sample", "ABLATIONS"]
+__all__ = ["NeuronGame", "Sample", "ABLATIONS", "BuildTimeout"]
 
 ABLATIONS = ("zero", "mean")
-_CHUNK = 512  # examples per forward pass when a whole set is run (intact outputs, means, full values)
+_CHUNK = 512  # examples per forward pass when a whole set is run (full values)
+# Examples per run of the mean-fill pass: small enough that one node of it ends soon after a build's deadline.
+_CHUNK_MEANS = 64
 
 
 @dataclass
@@ -53,6 +56,8 @@ class NeuronGame:
         grouped: compute a pass's coalitions once per group that shares the masks of every layer so far
             (:mod:`worker.shapley.grouped`), where the model passes the check that this changes no output;
             a quarter of ``memory_bytes`` bounds one layer's per-neuron contributions there.
+        deadline: a ``time.monotonic()`` time by which the build must be done (the run's budget counts from its
+            start): its runs stop between two nodes past it, raising :class:`BuildTimeout`.
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class NeuronGame:
         cache_prefix: bool = True,
         memory_bytes: int | None = None,
         grouped: bool = True,
+        deadline: float | None = None,
     ) -> None:
         if ablation not in ABLATIONS:
             raise SpecError(f"Unknown ablation {ablation!r}; choose 'zero' or 'mean'.")
@@ -75,28 +81,51 @@ class NeuronGame:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.ablation = ablation
         self.layers: list[Layer] = select_layers(find_layers(model), layers)
+        check = deadline_check(deadline)
 
-        example = data.inputs[:8]
-        scores = _single_output(model, example)
+        # A few examples for every load-time check, each run once (probes) and shared: see probe_batches.
+        example = data.inputs[:3]
+        probes = probe_batches(model, example, check)
+        scores = _class_scores(probes.out3)
         self.n_classes = int(scores.shape[1])
         probabilities = bool((scores >= 0).all() and torch.allclose(scores.sum(1), torch.ones(len(scores)), atol=1e-4))
         self.metric = Metric(metric, data, self.n_classes, probabilities)
 
-        fills = self._mean_fills(model, data) if ablation == "mean" else None
-        # What loading did to the file (an opset upgrade, a batch freed, class scores flattened): results say so.
-        self.loaded_as = {k: v for k, v in model.meta.items() if k.startswith("onnx_") or k == "output_flattened"}
-        self.model: MaskedModel = build_masked_model(model, self.layers, example, fills, cache_prefix)
-        budget = memory_bytes or (1 << 30 if self.device.type == "cpu" else 8 << 30)
-        self._grouped = grouped_suffix(self.model, example, budget // 4) if grouped else None
-        self.model.to(self.device)
         self.data = self.metric.restrict(data)
+        self.batch_size = min(batch_size, len(self.data))
+        # The budget of one pass: the coalitions' activations, and (grouped) a quarter for a linear layer's
+        # per-neuron contributions (grouped.py), which a pass may hold besides.
+        budget = memory_bytes or default_memory_bytes(self.device)
+        activations = budget - budget // 4 if grouped else budget
+        self.bytes_per_row = _bytes_per_row(model, probes)
+        needed = self.bytes_per_row * self.batch_size
+        if needed > activations:
+            raise ModelError(
+                f"One coalition of this model on a batch of {self.batch_size} examples needs about "
+                f"{-(-needed // (1 << 20))} MiB of activation memory"
+                f"{' (plus a quarter of the budget for grouped evaluation)' if grouped else ''}, more than the "
+                f"{budget >> 20} MiB budget allows. Raise NEURONSHAP_ACTIVATION_MEMORY_MB (neuronshap estimate "
+                f"--activation-memory-mb) to at least {-(-budget_for(needed, grouped) // (1 << 20))}, "
+                "or lower estimator.batch_size (--batch-size)."
+            )
+        self.max_coalitions_per_pass = activations // needed
+        fills = (
+            site_means(
+                model, self.layers, data.inputs, max(1, min(_CHUNK_MEANS, activations // self.bytes_per_row)), check
+            )
+            if ablation == "mean"
+            else None
+        )
+        # What loading did to the model file (an opset upgrade, a batch freed, class scores flattened): results say so.
+        self.loaded_as = {k: v for k, v in model.meta.items() if k.startswith("onnx_") or k == "output_flattened"}
+        self.model: MaskedModel = build_masked_model(model, self.layers, example, fills, cache_prefix, probes, check)
+        self._grouped = grouped_suffix(self.model, example, budget // 4, check) if grouped else None
+        self.model.to(self.device)
         self._inputs = self.data.inputs.to(self.device)
         self._labels = self.data.labels.to(self.device)
         self._groups = None if self.data.groups is None else self.data.groups.to(self.device)
         self._strata = self.metric.strata(self.data)
-        self.batch_size = min(batch_size, len(self.data))
         self._whole: Sample | None = None
-        self.max_coalitions_per_pass = max(1, budget // (_bytes_per_row(model, example) * self.batch_size))
 
     @property
     def n_players(self) -> int:
@@ -202,26 +231,9 @@ class NeuronGame:
             [m[torch.randperm(len(m), generator=generator)[:c]] for m, c in zip(members, counts, strict=True)]
         )
 
-    def _mean_fills(self, model: torch.fx.GraphModule, data: EvalData) -> dict[str, torch.Tensor]:
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-        with torch.inference_mode():
-            for start in range(0, len(data), _CHUNK):
-                acts = record_sites(model, self.layers, data.inputs[start : start + _CHUNK])
-                for layer in self.layers:
-                    a = acts[layer.name]
-                    channel = layer.channel_dim % a.ndim
-                    sums[layer.name] = sums.get(layer.name, 0) + a.double().sum(
-                        [d for d in range(a.ndim) if d != channel]
-                    )
-                    counts[layer.name] = counts.get(layer.name, 0) + a.numel() // a.shape[channel]
-        return {name: (total / counts[name]).float() for name, total in sums.items()}
 
-
-def _single_output(model: torch.fx.GraphModule, example: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        probe(model, example)  # its error message explains a shape mismatch
-        out = model(example)
+def _class_scores(out: object) -> torch.Tensor:
+    """The model's output on the probe's examples, checked to be finite class scores ``[batch, classes]``."""
     while isinstance(out, (tuple, list)) and len(out) == 1:
         out = out[0]
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] < 2:
@@ -237,9 +249,45 @@ def _single_output(model: torch.fx.GraphModule, example: torch.Tensor) -> torch.
     return out
 
 
-def _bytes_per_row(model: torch.fx.GraphModule, example: torch.Tensor) -> int:
-    """Rough activation memory of one example: the three largest per-example tensors, with headroom."""
-    x = example[torch.arange(2) % example.shape[0]]
-    shapes = probe(model, x).shapes.values()
-    sizes = sorted((s.numel() // 2 for s in shapes if s is not None and len(s) > 0 and s[0] == 2), reverse=True)
-    return max(1, 4 * 4 * sum(sizes[:3]))
+def default_memory_bytes(device: torch.device) -> int:
+    """A pass's activation budget when none is set: a quarter of the machine's memory on the CPU (the rest for
+    the model, the data, the prefix cache and the process beside it; at least 1 GiB), 8 GiB on a GPU."""
+    if device.type != "cpu":
+        return 8 << 30
+    return max(1 << 30, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+
+
+def budget_for(needed: int, grouped: bool) -> int:
+    """The least budget under which one coalition needing ``needed`` bytes of activations fits."""
+    return -(-needed * 4 // 3) if grouped else needed
+
+
+def _bytes_per_row(model: torch.fx.GraphModule, probes: Probes) -> int:
+    """Peak activation memory of one example of a pass (float32): the most per-example tensors that are alive at
+    once when the graph runs in order (each from the node that makes it to its last user: a residual branch or
+    DenseNet's concatenations keep several), plus the largest once more for the copy a gate makes of a layer's
+    output, and a quarter more for what that count leaves out (the frontier's copy per pass, kernel workspaces,
+    the allocator's slack). On VGG-19 at 224x224: 46 MiB estimated, 39-43 MiB measured (peak RSS) per row of
+    32-row passes; the estimate before (the three largest tensors, 4x) said 147 MiB, so a pass held a quarter
+    of the coalitions that fit."""
+    shapes, threes = probes.two.shapes, probes.three.shapes
+    size: dict[torch.fx.Node, int] = {}
+    for node in model.graph.nodes:
+        two, three = shapes.get(node), threes.get(node)
+        if two is not None and three is not None and len(two) > 0 and two[0] == 2 and three[0] == 3:
+            size[node] = two.numel() // 2 * 4
+    last_use: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in model.graph.nodes:
+        for arg in node.all_input_nodes:
+            last_use[arg] = node
+    dying: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for value, user in last_use.items():
+        dying.setdefault(user, []).append(value)
+    live = peak = 0
+    for node in model.graph.nodes:
+        live += size.get(node, 0)
+        peak = max(peak, live)
+        live -= sum(size.get(value, 0) for value in dying.get(node, ()))
+        if node not in last_use:
+            live -= size.get(node, 0)
+    return max(1, (peak + max(size.values(), default=0)) * 5 // 4)

@@ -44,12 +44,13 @@ deferred, then not grouped) where it is not.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import torch
 import torch.fx
 
-from .masking import Gate, MaskedModel
+from .masking import BuildTimeout, Gate, MaskedModel, close, run_checked
 
 __all__ = ["GroupedSuffix", "grouped_suffix"]
 
@@ -162,7 +163,10 @@ class GroupedSuffix(torch.fx.Interpreter):
     def __init__(self, suffix: torch.fx.GraphModule, defer: bool = True, memory_bytes: int = 256 << 20) -> None:
         super().__init__(suffix)
         self.defer, self.memory_bytes = defer, memory_bytes
-        self.always_split_linear = False  # the load-time check takes every path it can
+        # The load-time check (grouped_suffix) takes both paths at every linear layer it can split, and stops
+        # the run at a deadline between nodes.
+        self.checking = False
+        self.check: Callable[[], None] | None = None
 
     @torch.inference_mode()
     def evaluate(
@@ -179,6 +183,8 @@ class GroupedSuffix(torch.fx.Interpreter):
         return result.expand(every, self.b)
 
     def run_node(self, n: torch.fx.Node):
+        if self.check is not None:
+            self.check()
         # The suffix graph's index_select and gate nodes take a node as their first argument (masking.py builds
         # them so), and a call_module node's target is the module's dotted path.
         if n.op == "call_function" and n.target is torch.index_select:  # the frontier repeated per lane
@@ -217,7 +223,17 @@ class GroupedSuffix(torch.fx.Interpreter):
             if name in _SHAPE_READS:
                 return fn(args[0].x.t, *args[1:], **kwargs)
             if name == "linear" and (out := self._linear(*args, **kwargs)) is not None:
+                if self.checking and not self._same(out, self._generic(fn, args, kwargs)):
+                    raise ValueError("a linear layer split by neuron differs from the layer run after its gate")
                 return out
+        return self._generic(fn, args, kwargs)
+
+    def _same(self, a: _Grouped, b) -> bool:
+        every = torch.arange(self.masks.shape[0], device=self.masks.device)
+        return isinstance(b, _Grouped) and close(a.expand(every, self.b), b.expand(every, self.b))
+
+    def _generic(self, fn, args, kwargs):
+        """``fn`` on the gate-applied, commonly grouped values of its arguments."""
         args = [
             self._settle(a) if not isinstance(a, (list, tuple)) else type(a)(self._settle(x) for x in a) for a in args
         ]
@@ -283,7 +299,7 @@ class GroupedSuffix(torch.fx.Interpreter):
         outputs = weight.shape[0]
         # Per example: the layer costs 2·weight FLOPs a group; mixing, 2·n·outputs a refined group.
         pays = d.x.groups * weight.numel() + len(reps) * n * outputs < len(reps) * weight.numel()
-        if x.shape[0] * n * outputs * x.element_size() > self.memory_bytes or not (pays or self.always_split_linear):
+        if x.shape[0] * n * outputs * x.element_size() > self.memory_bytes or not (pays or self.checking):
             return None
         w = weight.reshape(outputs, n, -1).permute(1, 2, 0)  # [neuron, its features, outputs]
 
@@ -337,40 +353,55 @@ def _resolve_batch(t: torch.Tensor, a):
     return a
 
 
-def grouped_suffix(model: MaskedModel, example: torch.Tensor, memory_bytes: int = 256 << 20) -> GroupedSuffix | None:
+def grouped_suffix(
+    model: MaskedModel,
+    example: torch.Tensor,
+    memory_bytes: int = 256 << 20,
+    check: Callable[[], None] | None = None,
+) -> GroupedSuffix | None:
     """The fastest grouped evaluation that gives the plain suffix's outputs on ``example``, or ``None``.
 
-    The check runs coalitions that share masks in some layers and not in others, across two batches, with
-    deferred gates split into linear layers wherever possible and only where it pays, then without
-    deferring; a model the interpreter cannot follow falls back a step, never to wrong values.
+    The check runs coalitions that share masks in some layers and not in others, across two batches of two
+    examples (few coalitions and few rows: each row of VGG-19 costs 20 GFLOP, and what the check exercises is
+    how groups share, split and expand, which needs neither more). Deferred gates are split into every linear
+    layer that can take them, and at each such layer the result is compared with the layer run after its gate,
+    so that whichever a pass picks (the split where it pays) is checked in one run; then, only where that
+    fails, without deferring. A model the interpreter cannot follow falls back a step, never to wrong values.
+    ``check`` is called between nodes (it raises to stop the build at its deadline).
     """
     n, generator = model.n_players, torch.Generator().manual_seed(0)
-    b = min(4, example.shape[0])
+    b = min(2, example.shape[0])
     x = example[torch.arange(2 * b) % example.shape[0]]
     lane_rows = torch.arange(2 * b).reshape(2, b)
-    # Walks through random permutations (neighbours share most masks) plus independent random coalitions.
+    # A walk through a random permutation (neighbours share most masks: groups that share and split), a random
+    # coalition (split at every gate) and the empty one (every fill).
     walk = [torch.ones(n)]
-    for player in torch.randperm(n, generator=generator)[: min(n, 7)]:
+    for player in torch.randperm(n, generator=generator)[: min(n, 4)]:
         walk.append(walk[-1].clone())
         walk[-1][player] = 0
-    masks = torch.cat([torch.stack(walk), (torch.rand(5, n, generator=generator) < 0.5).float(), torch.zeros(1, n)])
+    masks = torch.cat([torch.stack(walk), (torch.rand(1, n, generator=generator) < 0.5).float(), torch.zeros(1, n)])
     masks = masks.to(example.dtype)
     lanes = torch.arange(len(masks)) % 2
     with torch.inference_mode():
-        frontier = model.prefix(x)
-        expected = model.run(frontier, lane_rows[lanes].reshape(-1), masks)
+        frontier = run_checked(model.prefix, x, check=check)
+        expected = run_checked(model.suffix, *frontier, lane_rows[lanes].reshape(-1), masks, check=check)
 
     def matches(suffix: GroupedSuffix) -> bool:
+        suffix.check = check
         try:
             got = suffix.evaluate(frontier, lane_rows, lanes, masks)
+        except BuildTimeout:
+            raise
         except Exception:  # an op the interpreter cannot follow
             return False
-        return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+        finally:
+            suffix.check = None
+        return got.shape == expected.shape and close(got, expected)
 
-    deferred, undeferred = GroupedSuffix(model.suffix, True, memory_bytes), GroupedSuffix(model.suffix, False)
-    deferred.always_split_linear = True
+    deferred = GroupedSuffix(model.suffix, True, memory_bytes)
+    deferred.checking = True
     if matches(deferred):
-        deferred.always_split_linear = False
-        if matches(deferred):
-            return deferred
+        deferred.checking = False
+        return deferred
+    undeferred = GroupedSuffix(model.suffix, False)
     return undeferred if matches(undeferred) else None

@@ -23,7 +23,8 @@ model whose outputs differ.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Set
+import time
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -34,7 +35,37 @@ from torch import nn
 from .errors import DataError, ModelError
 from .players import Layer, gate_site
 
-__all__ = ["Gate", "MaskedModel", "build_masked_model", "probe", "record_sites"]
+__all__ = [
+    "BuildTimeout",
+    "deadline_check",
+    "Gate",
+    "MaskedModel",
+    "Probes",
+    "build_masked_model",
+    "close",
+    "probe",
+    "probe_batches",
+    "run_checked",
+    "site_means",
+]
+
+
+class BuildTimeout(Exception):
+    """The deadline of a game's build passed: raised between two nodes of one of its runs."""
+
+
+def deadline_check(deadline: float | None) -> Callable[[], None] | None:
+    """What the build's runs call between nodes: raises :class:`BuildTimeout` once ``time.monotonic()`` passes
+    ``deadline``; ``None`` (no checks) without one. Between nodes, because one run of a big model's checks takes
+    seconds, and a build takes several."""
+    if deadline is None:
+        return None
+
+    def check() -> None:
+        if time.monotonic() >= deadline:
+            raise BuildTimeout(f"the deadline passed {time.monotonic() - deadline:.1f} s ago")
+
+    return check
 
 
 class Gate(nn.Module):
@@ -95,16 +126,54 @@ class MaskedModel:
         return self.run(self.prefix(x), rows, masks.to(x.dtype))
 
 
-def record_sites(gm: torch.fx.GraphModule, layers: list[Layer], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each chosen layer's activation (after its BN/activation chain) on ``x``.
+def site_means(
+    gm: torch.fx.GraphModule,
+    layers: list[Layer],
+    inputs: torch.Tensor,
+    chunk: int,
+    check: Callable[[], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Each chosen layer's per-channel mean activation (after its BN/activation chain) over ``inputs``: the
+    ``mean`` fill, measured once on the intact model.
 
-    Used to measure the ``mean`` fill once on the intact model.
+    One pass over the data, ``chunk`` examples at a time; each site's sum is taken as its value is computed and
+    the value dropped, so a pass holds one chunk's activations, not every layer's at once.
     """
     sites = _sites(gm, layers)
-    wanted = {node: layer.name for node, layer in sites.items()}
-    recorder = _Recorder(gm, keep=set(wanted))
-    recorder.run(x)
-    return {wanted[node]: value for node, value in recorder.values.items()}
+    sums: dict[torch.fx.Node, torch.Tensor] = {}
+    counts: dict[torch.fx.Node, int] = {}
+
+    def add(node: torch.fx.Node, a: torch.Tensor) -> None:
+        channel = sites[node].channel_dim % a.ndim
+        total = a.double().sum([d for d in range(a.ndim) if d != channel])
+        sums[node] = sums[node] + total if node in sums else total
+        counts[node] = counts.get(node, 0) + a.numel() // a.shape[channel]
+
+    with torch.inference_mode():
+        for start in range(0, inputs.shape[0], chunk):
+            _Recorder(gm, on_value=add, keep=set(sites), check=check).run(inputs[start : start + chunk])
+    return {sites[node].name: (total / counts[node]).float() for node, total in sums.items()}
+
+
+@dataclass
+class Probes:
+    """The model run node by node at two batch sizes (2 and 3 examples): which tensors follow the batch, every
+    tensor's shape, and the intact outputs the split model is checked against. Run once per game: on VGG-19 each
+    example costs 20 GFLOP, so every check reuses these rather than run the model again."""
+
+    two: _Recorder
+    three: _Recorder
+    x2: torch.Tensor
+    x3: torch.Tensor
+    out2: Any
+    out3: Any
+
+
+def probe_batches(gm: torch.fx.GraphModule, example: torch.Tensor, check: Callable[[], None] | None = None) -> Probes:
+    """:func:`probe` at 2 and 3 examples of ``example`` (repeated when it has fewer)."""
+    x2, x3 = (example[torch.arange(size) % example.shape[0]] for size in (2, 3))
+    two, three = probe(gm, x2, check), probe(gm, x3, check)
+    return Probes(two, three, x2, x3, two.result, three.result)
 
 
 def build_masked_model(
@@ -113,17 +182,21 @@ def build_masked_model(
     example: torch.Tensor,
     fills: dict[str, torch.Tensor] | None = None,
     cache_prefix: bool = True,
+    probes: Probes | None = None,
+    check: Callable[[], None] | None = None,
 ) -> MaskedModel:
     """Split ``gm`` into prefix and suffix with a gate after every chosen layer.
 
     ``example`` is a few real inputs; they are used to find the per-example
-    tensors and to check the split model against the original.
+    tensors and to check the split model against the original (``probes``: runs of them already made).
+    ``check`` is called between the nodes of every run, to stop a build past its deadline.
     """
     graph = gm.graph
     (placeholder,) = _single_input(graph)
     out_node = _output_value(graph)
     sites = _sites(gm, layers)
-    batched = _batched_nodes(gm, example)
+    probes = probes or probe_batches(gm, example, check)
+    batched = _batched_nodes(gm, probes)
 
     needed = _closure([out_node], lambda n: n.all_input_nodes)
     data = _closure([placeholder], lambda n: n.users) & needed
@@ -195,7 +268,7 @@ def build_masked_model(
         suffix=torch.fx.GraphModule(attrs, suffix_graph, class_name="ShapleySuffix"),
         layers=layers,
     )
-    _check_split(gm, model, example)
+    _check_split(model, probes, check)
     return model
 
 
@@ -251,28 +324,52 @@ def _keep_attr(gm: torch.fx.GraphModule, node: torch.fx.Node, attrs: dict[str, o
 
 
 class _Recorder(torch.fx.Interpreter):
-    """Runs the graph node by node, keeping shapes (all nodes) and values (some)."""
+    """Runs the graph node by node, keeping shapes (all nodes), values (``keep``) or handing them to ``on_value``,
+    and calling ``check`` before each node (it raises to stop a run past a deadline)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, keep: Set[torch.fx.Node] = frozenset()) -> None:
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        keep: Set[torch.fx.Node] = frozenset(),
+        on_value: Callable[[torch.fx.Node, torch.Tensor], None] | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(gm)
-        self.keep = keep
+        self.keep, self.on_value, self.check = keep, on_value, check
         self.shapes: dict[torch.fx.Node, torch.Size | None] = {}
         self.values: dict[torch.fx.Node, torch.Tensor] = {}
+        self.result: Any = None
+
+    def run(self, *args, **kwargs):
+        self.result = super().run(*args, **kwargs)
+        return self.result
 
     def run_node(self, n: torch.fx.Node):
+        if self.check is not None:
+            self.check()
         result = super().run_node(n)
         self.shapes[n] = result.shape if isinstance(result, torch.Tensor) else None
         if n in self.keep:
-            self.values[n] = result
+            if self.on_value is not None:
+                self.on_value(n, result)
+            else:
+                self.values[n] = result
         return result
 
 
-def probe(gm: torch.fx.GraphModule, x: torch.Tensor) -> _Recorder:
+def run_checked(gm: torch.fx.GraphModule, *args: Any, check: Callable[[], None] | None = None) -> Any:
+    """``gm(*args)`` node by node, calling ``check`` between nodes (for a build's runs, which a deadline stops)."""
+    return _Recorder(gm, check=check).run(*args)
+
+
+def probe(gm: torch.fx.GraphModule, x: torch.Tensor, check: Callable[[], None] | None = None) -> _Recorder:
     """Run ``gm`` on ``x`` recording every node's shape; a failure becomes a :class:`DataError`."""
-    recorder = _Recorder(gm)
+    recorder = _Recorder(gm, check=check)
     try:
         with torch.inference_mode():
             recorder.run(x)
+    except BuildTimeout:
+        raise
     except ModelError:  # the model says what it needs itself (onnx_import's checks of a fixed input size)
         raise
     except Exception as exc:  # the model's own error says what it expected
@@ -287,31 +384,37 @@ def probe(gm: torch.fx.GraphModule, x: torch.Tensor) -> _Recorder:
     return recorder
 
 
-def _batched_nodes(gm: torch.fx.GraphModule, example: torch.Tensor) -> set[torch.fx.Node]:
+def _batched_nodes(gm: torch.fx.GraphModule, probes: Probes) -> set[torch.fx.Node]:
     """Nodes whose first dimension is the batch, found at two batch sizes."""
-    probes = []
-    for size in (2, 3):
-        idx = torch.arange(size) % example.shape[0]
-        probes.append((size, probe(gm, example[idx])))
+    runs = ((2, probes.two), (3, probes.three))
     return {
         node
         for node in gm.graph.nodes
         if all(
-            (shape := rec.shapes.get(node)) is not None and len(shape) > 0 and shape[0] == size for size, rec in probes
+            (shape := rec.shapes.get(node)) is not None and len(shape) > 0 and shape[0] == size for size, rec in runs
         )
     }
 
 
-def _check_split(gm: torch.fx.GraphModule, model: MaskedModel, example: torch.Tensor) -> None:
-    """All-ones masks must reproduce the original model, for two coalitions at once."""
-    x = example[torch.arange(3) % example.shape[0]]
+def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal up to float32 rounding: another batch size picks other kernels, whose sums round differently, and that
+    error scales with the outputs' magnitude (logits of ~70 on VGG-19 with random weights differ by ~1e-4), so the
+    absolute tolerance does too; a model that mixes examples differs by far more."""
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    return torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(1.0, scale))
+
+
+def _check_split(model: MaskedModel, probes: Probes, check: Callable[[], None] | None) -> None:
+    """All-ones masks must reproduce the original model (its probed outputs), for two coalitions at once."""
+    x, expected = probes.x2, probes.out2
+    while isinstance(expected, (tuple, list)):
+        expected = expected[0]
     with torch.inference_mode():
-        expected = gm(x)
-        while isinstance(expected, (tuple, list)):
-            expected = expected[0]
-        got = model(x, torch.ones(2, model.n_players, dtype=x.dtype))
+        rows = torch.arange(x.shape[0]).repeat(2)
+        frontier = run_checked(model.prefix, x, check=check)
+        got = run_checked(model.suffix, *frontier, rows, torch.ones(2, model.n_players, dtype=x.dtype), check=check)
     expected = expected.repeat(2, *[1] * (expected.ndim - 1))
-    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+    if got.shape != expected.shape or not close(got, expected):
         raise ModelError(
             "With every neuron kept, the rewritten model does not reproduce the original's outputs; "
             "the model probably mixes examples of a batch (BatchNorm in training mode, a batch-wide reduction). "
