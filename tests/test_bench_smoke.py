@@ -25,6 +25,12 @@ SERVICE = pytest.mark.service  # PostgreSQL and Redis (and, for two of them, a w
             ("(a) Time to a correct top-10", "(b) Evaluations per second", "(c) Achieved FLOP/s", "(d) Defaults sweep"),
             600,
         ),
+        (  # SqueezeNet and ShuffleNet from the onnx wheel, 16 examples, 2 s each; exits 1 if a network fails
+            "bench.bench_zoo",
+            ("load average at the start", "torch threads per network", "build s", "evals/s", "per pass")
+            + ("pass est MiB", "peak RSS MiB", "loads as shipped", "squeezenet", "shufflenet"),
+            300,
+        ),
         (
             "bench.bench_contention",
             ("Contention benchmark", "alone evals/s", "busy evals/s", "alone / busy", "OMP_WAIT_POLICY"),
