@@ -540,7 +540,7 @@ class _Builder:
 
     # -- fixed sizes -----------------------------------------------------
 
-    def size_check(self, node: onnx.NodeProto, target: tuple[int, ...] | None) -> tuple[int, tuple[str, str]] | None:
+    def size_check(self, node: onnx.NodeProto, target: tuple[int, ...] | None) -> _SizeCheck | None:
         """Values per example that a Flatten/Reshape must get for the graph to work, and the error otherwise.
 
         Data at another spatial size than the file declares reaches the first
@@ -664,7 +664,7 @@ def _fixed_in_features(b: _Builder, node: onnx.NodeProto) -> int | None:
 
 def _batch_first(target: tuple[int, ...] | None) -> bool:
     """A constant Reshape target that keeps the batch first (0: copy it; -1: what is left) and fixes the rest."""
-    return bool(target) and target[0] in (0, -1) and all(t > 0 for t in target[1:])  # type: ignore[index]
+    return target is not None and len(target) > 0 and target[0] in (0, -1) and all(t > 0 for t in target[1:])
 
 
 # Suffixes that mark a tensor as a layer's weight; the rest is the layer's
