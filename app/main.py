@@ -22,7 +22,8 @@ from app.core.bus import make_bus
 from app.core.config import Settings, get_settings
 from app.core.db import migrate
 from app.core.limits import BodyLimit
-from app.core.queue import RunJob, ThreadQueue, make_queue
+from app.core.queue import RunEdit, RunJob, ThreadQueue, make_queue
+from app.edits import routes as edits_routes
 from app.jobs import routes as jobs_routes
 from app.jobs.recovery import requeue_unfinished
 from app.jobs.uploads import CheckUpload
@@ -34,11 +35,14 @@ log = logging.getLogger(__name__)
 
 
 def create_app(
-    settings: Settings | None = None, run_job: RunJob | None = None, check_upload: CheckUpload | None = None
+    settings: Settings | None = None,
+    run_job: RunJob | None = None,
+    check_upload: CheckUpload | None = None,
+    run_edit: RunEdit | None = None,
 ) -> FastAPI:
-    """The app for ``settings``; ``run_job`` runs jobs when there is no broker (the embedded queue);
-    ``check_upload`` checks each submission before it is answered (without one, the worker is the first to
-    load the model)."""
+    """The app for ``settings``; ``run_job`` and ``run_edit`` run jobs and edits when there is no broker (the
+    embedded queue); ``check_upload`` checks each submission before it is answered (without one, the worker is
+    the first to load the model)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -46,7 +50,7 @@ def create_app(
         if settings.migrate_on_start:
             migrate(settings.resolved_database_url)
         bus = make_bus(settings)
-        queue = make_queue(settings, bus, run_job)
+        queue = make_queue(settings, bus, run_job, run_edit)
         app.state.bus, app.state.queue = bus, queue
         if isinstance(queue, ThreadQueue):  # the embedded queue lives in this process: resume what it left
             requeue_unfinished(settings, queue, bus)
@@ -70,6 +74,7 @@ def create_app(
     app.middleware("http")(measure)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.include_router(jobs_routes.router)
+    app.include_router(edits_routes.router)
     app.include_router(ops_routes.router)
     app.include_router(reports_routes.router)
     return app

@@ -1,4 +1,4 @@
-"""The API as ``neuronshap serve`` runs it: the app, with the embedded queue wired to the worker's runner and
+"""The API as ``neuronshap serve`` runs it: the app, with the embedded queue wired to the worker's runners and
 submissions checked by the worker's loaders.
 
 ``app`` never imports the worker; this is where the two meet. The runner
@@ -29,6 +29,13 @@ def run_job(job_id: str, settings: Settings, bus: Bus, should_exit: Callable[[],
     return run(job_id, settings, bus, should_exit=should_exit)
 
 
+def run_edit(edit_id: str, settings: Settings, bus: Bus, should_exit: Callable[[], bool]) -> object:
+    """The embedded queue's edit runner: :func:`worker.edit_runner.run_edit_job`, imported on first use."""
+    from worker.edit_runner import run_edit_job
+
+    return run_edit_job(edit_id, settings, bus, should_exit=should_exit)
+
+
 def check_upload(spec: JobSpec, model: StoredUpload, data: StoredUpload, timeout_s: float) -> Rejection | None:
     """The submission check: :func:`worker.preflight.check_upload`, imported on first use (torch, only in its child)."""
     from worker.preflight import check_upload as check
@@ -37,7 +44,7 @@ def check_upload(spec: JobSpec, model: StoredUpload, data: StoredUpload, timeout
 
 
 def create_server_app(settings: Settings | None = None) -> FastAPI:
-    return create_app(settings or get_settings(), run_job=run_job, check_upload=check_upload)
+    return create_app(settings or get_settings(), run_job=run_job, check_upload=check_upload, run_edit=run_edit)
 
 
 def app() -> FastAPI:

@@ -7,8 +7,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
 
-# Imported for their side effect: the models register their tables on Base.metadata. (Both bind `app`;
+# Imported for their side effect: the models register their tables on Base.metadata. (All bind `app`;
 # ruff reports only the last binding as unused.)
+import app.edits.models
 import app.jobs.models
 import app.keys.models  # noqa: F401
 from app.core.db import Base, migrate

@@ -1,4 +1,4 @@
-"""The Celery side: ``celery -A worker.tasks worker`` (or ``neuronshap worker``) runs jobs sent by the API.
+"""The Celery side: ``celery -A worker.tasks worker`` (or ``neuronshap worker``) runs jobs and edits sent by the API.
 
 A worker process runs one job at a time in its main process (the ``solo``
 pool): nothing is forked after torch is loaded, and a GPU is initialised only
@@ -21,9 +21,10 @@ from celery.signals import worker_ready, worker_shutting_down
 
 from app.core.bus import make_bus
 from app.core.config import get_settings
-from app.core.queue import TASK_RUN_JOB, CeleryQueue, celery_app
+from app.core.queue import TASK_RUN_EDIT, TASK_RUN_JOB, CeleryQueue, celery_app
 from app.jobs.recovery import reconcile
 from app.jobs.states import JobState
+from worker.edit_runner import run_edit_job
 from worker.runner import run_job
 
 log = logging.getLogger(__name__)
@@ -65,3 +66,9 @@ def run(job_id: str) -> None:
     if run_job(job_id, settings, _bus, should_exit=_shutting_down.is_set) in (JobState.QUEUED, JobState.CANCELLING):
         # Handed back at a checkpoint: the next worker resumes it.
         CeleryQueue(broker_url, settings.queue_name).enqueue(job_id)
+
+
+@app.task(name=TASK_RUN_EDIT, ignore_result=True)
+def edit(edit_id: str) -> None:
+    """An edit (seconds): a worker shutting down lets it finish; one killed leaves a lease the reconciler sees."""
+    run_edit_job(edit_id, settings, _bus, should_exit=_shutting_down.is_set)

@@ -1,7 +1,8 @@
 """Handing jobs to workers: Celery over a broker, or a thread of this process.
 
-Both adapters take only a job id: the job itself is in the database, which is
-the record of what to run. With a broker configured, :func:`celery_app` is
+Both adapters take only an id, a job's (:meth:`Queue.enqueue`) or an edit's
+(:meth:`Queue.enqueue_edit`): the job or edit itself is in the database, which
+is the record of what to run. With a broker configured, :func:`celery_app` is
 shared by the API (to send) and ``worker.tasks`` (to run).
 
 A Celery message is acknowledged when a worker *receives* it
@@ -19,31 +20,37 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
 
 from .config import Settings
+from .db import UNAVAILABLE, session_factory
 
 if TYPE_CHECKING:
     from celery import Celery
+    from sqlalchemy.orm import Session
 
     from .bus import Bus
 
 TASK_RUN_JOB = "neuronshap.run_job"
+TASK_RUN_EDIT = "neuronshap.run_edit"
 
 log = logging.getLogger(__name__)
 
 # Runs one job to its end: (job id, settings, bus, should_exit). The worker's runner, handed to the embedded queue
 # where the service is assembled (``neuronshap.server``), so that nothing in ``app`` imports the worker.
 RunJob = Callable[[str, Settings, "Bus", Callable[[], bool]], object]
+# Runs one edit to its end, with the same arguments (an edit id): ``worker.edit_runner.run_edit``.
+RunEdit = RunJob
 
 
 class Queue(Protocol):
     def enqueue(self, job_id: str) -> None: ...
+    def enqueue_edit(self, edit_id: str) -> None: ...
     def waiting(self) -> set[str] | None:
-        """The jobs whose message waits in the queue; None when the queue cannot tell."""
+        """The jobs and edits whose message waits in the queue (ids ``j_…``, ``e_…``); None when it cannot tell."""
 
     def ping(self) -> None: ...
 
@@ -79,6 +86,9 @@ class CeleryQueue:
     def enqueue(self, job_id: str) -> None:
         self.app.send_task(TASK_RUN_JOB, args=[job_id], queue=self.queue)
 
+    def enqueue_edit(self, edit_id: str) -> None:
+        self.app.send_task(TASK_RUN_EDIT, args=[edit_id], queue=self.queue)
+
     def waiting(self) -> set[str] | None:
         """Read from the broker's list (Redis only): lets the reconciler tell a job that waits its turn in a deep
         queue from one whose message was lost, so that it sends only the latter again."""
@@ -108,31 +118,41 @@ class CeleryQueue:
 
 
 class ThreadQueue:
-    """The embedded default: jobs run one at a time on a thread of the API process, through ``run_job``."""
+    """The embedded default: jobs run one at a time on a thread of the API process, through ``run_job``; edits
+    one at a time on a second thread, through ``run_edit``, so that an edit (seconds) never waits behind a job
+    (hours)."""
 
-    def __init__(self, settings: Settings, bus: Bus, run_job: RunJob) -> None:
-        self.settings, self.bus, self.run_job = settings, bus, run_job
+    def __init__(self, settings: Settings, bus: Bus, run_job: RunJob, run_edit: RunEdit | None = None) -> None:
+        self.settings, self.bus, self.run_job, self.run_edit = settings, bus, run_job, run_edit
         self._stopping = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuronshap-job")
+        self._edits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuronshap-edit")
         self._waiting: set[str] = set()
         self._lock = threading.Lock()
 
     def enqueue(self, job_id: str) -> None:
         with self._lock:
             self._waiting.add(job_id)
-        self._pool.submit(self._run, job_id)
+        self._pool.submit(self._run, self.run_job, job_id)
+
+    def enqueue_edit(self, edit_id: str) -> None:
+        if self.run_edit is None:
+            raise RuntimeError("this app was built without an edit runner (neuronshap.server wires one)")
+        with self._lock:
+            self._waiting.add(edit_id)
+        self._edits.submit(self._run, self.run_edit, edit_id)
 
     def waiting(self) -> set[str]:
         with self._lock:
             return set(self._waiting)
 
-    def _run(self, job_id: str) -> None:
+    def _run(self, runner: RunJob, ident: str) -> None:
         with self._lock:
-            self._waiting.discard(job_id)
+            self._waiting.discard(ident)
         try:
-            self.run_job(job_id, self.settings, self.bus, self._stopping.is_set)
-        except Exception:  # the runner records job errors itself; this is a bug in it, keep the thread alive
-            log.exception("job %s: runner failed", job_id)
+            runner(ident, self.settings, self.bus, self._stopping.is_set)
+        except Exception:  # the runner records errors itself; this is a bug in it, keep the thread alive
+            log.exception("%s: runner failed", ident)
 
     def ping(self) -> None:
         return None
@@ -141,9 +161,35 @@ class ThreadQueue:
         """Stop: a running job checkpoints and goes back to ``queued``; the next start resumes it."""
         self._stopping.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._edits.shutdown(wait=True, cancel_futures=True)
 
 
-def make_queue(settings: Settings, bus: Bus, run_job: RunJob | None) -> Queue:
+def send_each(
+    settings: Settings,
+    enqueue: Callable[[str], None],
+    mark_sent: Callable[[Session, Iterable[str]], None],
+    ids: list[str],
+) -> list[str]:
+    """Hand each id (jobs' or edits') to ``enqueue`` and record when with ``mark_sent``; one that cannot be sent
+    now is tried again later (a reconciler finds it unsent)."""
+    sent = []
+    for ident in ids:
+        try:
+            enqueue(ident)
+        except Exception as exc:
+            log.warning("%s: not queued (%s); will retry", ident, exc)
+            continue
+        sent.append(ident)
+    if sent:
+        try:
+            with session_factory(settings.resolved_database_url)() as session:
+                mark_sent(session, sent)
+        except UNAVAILABLE as exc:  # unrecorded, they look unsent: a reconciler sends them again, harmlessly
+            log.warning("%s: sent, but the time of sending was not recorded: %s", sent, exc)
+    return sent
+
+
+def make_queue(settings: Settings, bus: Bus, run_job: RunJob | None, run_edit: RunEdit | None = None) -> Queue:
     """Celery when a broker is configured; else the embedded thread, which needs the runner."""
     if settings.broker_url:
         return CeleryQueue(settings.broker_url, settings.queue_name)
@@ -153,4 +199,4 @@ def make_queue(settings: Settings, bus: Bus, run_job: RunJob | None) -> Queue:
             "runner for the embedded queue: start the service with `neuronshap serve` (or uvicorn "
             "--factory neuronshap.server:app), or set NEURONSHAP_BROKER_URL and run workers."
         )
-    return ThreadQueue(settings, bus, run_job)
+    return ThreadQueue(settings, bus, run_job, run_edit)

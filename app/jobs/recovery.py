@@ -15,6 +15,9 @@ A cancelling job whose worker is gone ends ``cancelled`` at once if it has no
 checkpoint; with one, it is sent to a worker, which stores the checkpoint's
 partial estimates as the job's result without running further.
 
+Edits (:mod:`app.edits.recovery`) are recovered in the same passes, the same
+way: a lease, requeued when it expires, sent again when their message was lost.
+
 Workers run :func:`reconcile` on a timer; the embedded service runs
 :func:`requeue_unfinished` when it starts, since its own thread was the only
 worker.
@@ -22,7 +25,6 @@ worker.
 
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
 
 from sqlalchemy import or_, select
@@ -30,13 +32,12 @@ from sqlalchemy import or_, select
 from app.core.bus import Bus
 from app.core.clock import now
 from app.core.config import Settings
-from app.core.db import UNAVAILABLE, session_factory
-from app.core.queue import Queue
+from app.core.db import session_factory
+from app.core.queue import Queue, send_each
+from app.edits import recovery as edits
 
 from . import lifecycle
 from .models import Job
-
-log = logging.getLogger(__name__)
 
 
 def reconcile(settings: Settings, queue: Queue, bus: Bus) -> list[str]:
@@ -54,7 +55,7 @@ def reconcile(settings: Settings, queue: Queue, bus: Bus) -> list[str]:
     waiting = queue.waiting()
     if waiting is not None:  # a job whose message is still in the queue is waiting its turn, not lost
         ids = [job_id for job_id in ids if job_id not in waiting]
-    return send(settings, queue, ids)
+    return send(settings, queue, ids) + edits.reconcile(settings, queue, waiting)
 
 
 def requeue_unfinished(settings: Settings, queue: Queue, bus: Bus) -> list[str]:
@@ -62,23 +63,9 @@ def requeue_unfinished(settings: Settings, queue: Queue, bus: Bus) -> list[str]:
     with session_factory(settings.resolved_database_url)() as session:
         lifecycle.recover_all(session, bus)
         ids = list(session.scalars(select(Job.id).where(lifecycle.waiting_for_worker()).order_by(Job.created_at)))
-    return send(settings, queue, ids)
+    return send(settings, queue, ids) + edits.requeue_unfinished(settings, queue)
 
 
 def send(settings: Settings, queue: Queue, ids: list[str]) -> list[str]:
     """Queue each job and record when; a job that cannot be sent now is tried again later."""
-    sent = []
-    for job_id in ids:
-        try:
-            queue.enqueue(job_id)
-        except Exception as exc:
-            log.warning("job %s: not queued (%s); will retry", job_id, exc)
-            continue
-        sent.append(job_id)
-    if sent:
-        try:
-            with session_factory(settings.resolved_database_url)() as session:
-                lifecycle.mark_sent(session, sent)
-        except UNAVAILABLE as exc:  # unrecorded, the jobs look unsent: a reconciler sends them again, harmlessly
-            log.warning("jobs %s: sent, but the time of sending was not recorded: %s", sent, exc)
-    return sent
+    return send_each(settings, queue.enqueue, lifecycle.mark_sent, ids)

@@ -31,6 +31,7 @@ from app.core.config import Settings
 from app.core.db import UNAVAILABLE, session_factory
 from app.core.problems import Problem, field_path, not_found
 from app.core.queue import Queue
+from app.edits.models import Edit
 
 from . import lifecycle, recovery, uploads
 from .models import Job, JobAblation, JobCheckpoint, JobNeuron
@@ -99,11 +100,13 @@ async def _store_upload(store: BlobStore, upload: Upload, limit: int, field: str
 
 
 def _forget_blob(session: Session, store: BlobStore, digest: str) -> None:
-    """Delete a blob no job refers to (a job shares a blob with every other upload of the same bytes)."""
+    """Delete a blob no job or edit refers to (a job shares a blob with every other upload of the same bytes, an
+    edit's held-out data with a job's data)."""
 
     def unused() -> bool:
-        refs = select(func.count()).select_from(Job).where(or_(Job.model_blob == digest, Job.data_blob == digest))
-        return not session.scalar(refs)
+        jobs = select(func.count()).select_from(Job).where(or_(Job.model_blob == digest, Job.data_blob == digest))
+        edits = select(func.count()).select_from(Edit).where(or_(Edit.model_blob == digest, Edit.data_blob == digest))
+        return not session.scalar(jobs) and not session.scalar(edits)
 
     store.delete(digest, unused)
 
@@ -471,8 +474,10 @@ def delete_job(session: Session, store: BlobStore, bus: Bus, tenant: str, job_id
             "is cancelled.",
         )
     blobs = {job.model_blob, job.data_blob}
+    for edit in session.scalars(select(Edit).where(Edit.job_id == job_id)):  # its edits' held-out data and models
+        blobs |= {b for b in (edit.data_blob, edit.model_blob) if b is not None}
     # Explicit: SQLite enforces ON DELETE CASCADE only under a per-connection setting.
-    for table in (JobNeuron, JobAblation, JobCheckpoint):
+    for table in (JobNeuron, JobAblation, JobCheckpoint, Edit):
         session.execute(delete(table).where(table.job_id == job_id))
     session.delete(job)
     session.commit()
