@@ -116,6 +116,32 @@ class Client:
                 break
         return out
 
+    def create_edit(self, job_id: str, selection: dict, data: Path | None = None) -> dict:
+        """Start an edit of a finished job (docs/API.md, "Acting on a result: edits"), with optional held-out data.
+
+        Sent once, not retried: a second edit of the same selection would be harmless but is not asked for."""
+        form = {"selection": json.dumps(selection)}
+        if data is None:
+            return self._check(self.http.post(f"/v1/jobs/{job_id}/edits", data=form)).json()
+        with open(data, "rb") as d:
+            files = {"data": (Path(data).name, d)}
+            return self._check(self.http.post(f"/v1/jobs/{job_id}/edits", data=form, files=files)).json()
+
+    def edit(self, job_id: str, edit_id: str) -> dict:
+        return self._get(f"/v1/jobs/{job_id}/edits/{edit_id}").json()
+
+    def wait_edit(self, job_id: str, edit_id: str, poll_s: float = 0.5) -> dict:
+        """Poll the edit until it has succeeded or failed (an edit takes seconds: it has no event stream)."""
+        while True:
+            edit = self.edit(job_id, edit_id)
+            if edit["state"] in ("succeeded", "failed"):
+                return edit
+            time.sleep(poll_s)
+
+    def edited_model(self, job_id: str, edit_id: str) -> bytes:
+        """The edited model as ONNX bytes."""
+        return self._get(f"/v1/jobs/{job_id}/edits/{edit_id}/model").content
+
     def events(self, job_id: str, retries: int = 30) -> Iterator[tuple[str, dict]]:
         """The job's events until ``done``, reconnecting after the last event seen."""
         last_id: str | None = None

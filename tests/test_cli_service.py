@@ -13,6 +13,7 @@ import sys
 import time
 
 import httpx
+import onnxruntime
 import pytest
 
 from tests.harness.jobs import QUICK, exact_run
@@ -105,3 +106,52 @@ def test_stopping_the_service_mid_job_resumes_it_to_the_uninterrupted_result(tmp
         a = httpx.get(f"{url}/v1/jobs/{job['id']}/neurons").json()["items"]
         b = httpx.get(f"{url}/v1/jobs/{fresh['id']}/neurons").json()["items"]
     assert a == b  # the same values, bounds and sample counts, bit for bit
+
+
+def test_edit_prints_before_and_after_and_writes_the_model_and_report_prints_the_page(tmp_path, tiny_cnn):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(QUICK))
+    held_out = tmp_path / "held_out.npz"
+    held_out.write_bytes(tiny_cnn.npz.read_bytes())  # the job's own examples, as a file of the user's
+    with serve(tmp_path) as url:
+        submitted = neuronshap(
+            "submit", str(tiny_cnn.onnx), str(tiny_cnn.npz), "--spec", str(spec), "--wait", "--json", url=url
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = httpx.get(f"{url}/v1/jobs").json()["items"][0]["id"]
+
+        out = tmp_path / "edited.onnx"
+        edited = neuronshap("edit", job_id, "--repair", "3", "--data", str(held_out), "--out", str(out), url=url)
+        assert edited.returncode == 0, edited.stderr
+        lines = edited.stdout.splitlines()
+        assert lines[0].startswith("removed ") and lines[1].split() == ["accuracy", "before", "after", "change"]
+        assert [line[:18].rstrip() for line in lines[2:]] == [
+            "job's data",
+            "  group 0 accuracy",
+            "  group 1 accuracy",
+            "held-out data",
+            "  group 0 accuracy",
+            "  group 1 accuracy",
+        ]
+        edit = httpx.get(f"{url}/v1/jobs/{job_id}/edits").json()["items"][0]
+        session = onnxruntime.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
+        scores = session.run(None, {session.get_inputs()[0].name: tiny_cnn.x.numpy()})[0]
+        accuracy = float((scores.argmax(-1) == tiny_cnn.y.numpy()).mean())
+        assert accuracy == pytest.approx(edit["metrics"]["job_data"]["after"], abs=1e-12)
+        assert f"{edit['metrics']['job_data']['after']:.4f}" in lines[2]
+
+        pruned = neuronshap("edit", job_id, "--prune", "0.3", "--json", "--out", str(tmp_path / "p.onnx"), url=url)
+        assert pruned.returncode == 0, pruned.stderr
+        assert len(json.loads(pruned.stdout)["removed"]) == 3
+
+        no_data = neuronshap("edit", job_id, "--repair", "3", url=url)
+        assert no_data.returncode == 2 and "--data" in no_data.stderr
+        too_many = neuronshap("edit", job_id, "--top", "99", url=url)
+        assert too_many.returncode == 2 and "selection.top" in too_many.stderr
+
+        report = neuronshap("report", job_id, url=url)
+        assert report.returncode == 0, report.stderr
+        page = report.stdout.strip()
+        assert page == f"{url}/v1/jobs/{job_id}/report"
+        assert httpx.get(page).headers["content-type"].startswith("text/html")
+        assert neuronshap("report", "j_missing", url=url).returncode == 2
