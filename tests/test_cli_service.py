@@ -108,6 +108,7 @@ def test_stopping_the_service_mid_job_resumes_it_to_the_uninterrupted_result(tmp
     assert a == b  # the same values, bounds and sample counts, bit for bit
 
 
+@pytest.mark.slow
 def test_edit_prints_before_and_after_and_writes_the_model_and_report_prints_the_page(tmp_path, tiny_cnn):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(QUICK))
