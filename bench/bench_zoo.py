@@ -127,29 +127,29 @@ def main(argv: list[str] | None = None) -> int:
     print("Zoo benchmark: the ONNX Model Zoo's networks as shipped, random weights, a fixed budget")
     print(f"load average at the start: {_load()}; cores: {os.cpu_count()}; torch {torch.__version__}")
     print(f"{examples} examples labelled by each model's argmax, metric accuracy, defaults, {budget:g} s of estimation")
-    rows, failed = [], False
-    for name in models:
+    header = (
+        f"{'network':<14}{'players':>8}{'px':>5}{'load s':>8}{'build s':>9}{'evals':>7}{'evals/s':>9}"
+        f"{'per pass':>10}{'pass est MiB':>14}{'pass RSS MiB':>14}{'peak RSS MiB':>14}  grouped  loads as shipped"
+    )
+    print(f"\n{header}", flush=True)
+    threads, failed = [], False
+    for name in models:  # each row as it is measured: a full run is long, and the machine may be shared
         child = [sys.executable, "-m", "bench.bench_zoo", "--one", name, "--budget", str(budget)]
         result = subprocess.run([*child, "--examples", str(examples)], capture_output=True, text=True)
         if result.returncode != 0:
             print(f"{name}: failed\n{result.stderr[-2000:]}", flush=True)
             failed = True
             continue
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        print(f"  {name}: done (load average {_load()})", flush=True)
-    if rows:
-        print(f"torch threads per network: {', '.join(str(r['threads']) for r in rows)}")
-    print(
-        f"\n{'network':<14}{'players':>8}{'px':>5}{'load s':>8}{'build s':>9}{'evals':>7}{'evals/s':>9}"
-        f"{'per pass':>10}{'pass est MiB':>14}{'pass RSS MiB':>14}{'peak RSS MiB':>14}  grouped  loads as shipped"
-    )
-    for r in rows:
+        r = json.loads(result.stdout.strip().splitlines()[-1])
+        threads.append(r["threads"])
         print(
             f"{r['name']:<14}{r['players']:>8,}{r['resolution']:>5}{r['load_s']:>8.1f}{r['build_s']:>9.1f}"
             f"{r['evaluations']:>7}{r['evals_per_s']:>9.2f}{r['per_pass']:>10}{r['estimate_mib']:>14,.0f}"
             f"{r['pass_rss_mib']:>14,.0f}{r['peak_rss_mib']:>14,.0f}  {'yes' if r['grouped'] else 'no':<7}  "
-            f"{r['as_shipped']}"
+            f"{r['as_shipped']}    (load average {_load()})",
+            flush=True,
         )
+    print(f"torch threads per network: {', '.join(map(str, threads))}")
     print(f"\nload average at the end: {_load()}")
     return 1 if failed else 0
 
