@@ -72,7 +72,8 @@ async def create_edit(
         held_out = None
         if data is not None:
             digest = await _store_upload(store, data, settings.max_data_bytes, "data", held)
-            held_out = await run_in_threadpool(_check_held_out, settings, store, job, data.filename, digest, check)
+            upload = await run_in_threadpool(_check_held_out, settings, store, job, data.filename, digest, check)
+            held_out = digest, upload
         return await run_in_threadpool(_record, session, settings, queue, tenant, job, selection, held_out)
     except Problem:
         refused = True
@@ -203,16 +204,18 @@ def _record(
     tenant: str,
     job: Job,
     selection: dict,
-    held_out: uploads.StoredUpload | None,
+    held_out: tuple[str, uploads.StoredUpload] | None,
 ) -> Edit:
+    """Record the edit (with its held-out data's blob and format) and send it to a worker."""
+    digest, upload = held_out if held_out is not None else (None, None)
     edit = lifecycle.new_edit(
         id=f"e_{secrets.token_hex(10)}",
         job_id=job.id,
         tenant=tenant,
         selection=selection,
-        data_blob=held_out.path.stem if held_out is not None else None,
-        data_format=held_out.format if held_out is not None else None,
-        data_name=held_out.filename if held_out is not None else None,
+        data_blob=digest,
+        data_format=upload.format if upload is not None else None,
+        data_name=upload.filename if upload is not None else None,
     )
     session.add(edit)
     session.commit()
