@@ -278,3 +278,18 @@ def test_another_tenants_job_and_edits_do_not_exist(tmp_path, tiny_cnn):
         problem(post_edit(stack, job["id"], {"top": 1}), 404)
         for path in ("", f"/{edit['id']}", f"/{edit['id']}/model", f"/{edit['id']}/pruning-plan"):
             problem(stack.client.get(f"/v1/jobs/{job['id']}/edits{path}"), 404)
+
+
+@pytest.mark.slow
+def test_under_the_mean_policy_the_edited_model_fills_removed_channels_as_the_game_does(stack, tiny_cnn):
+    spec = SPEC | {"players": {"ablation": "mean"}}
+    job = submit(stack.client, tiny_cnn, spec)
+    assert stack.wait(job["id"], ("succeeded", "failed"))["state"] == "succeeded"
+    edit = wait_edit(stack, job["id"], post_edit(stack, job["id"], {"top": 3}).json()["id"])
+    assert edit["state"] == "succeeded" and edit["ablation"] == "mean", edit["error"]
+    figures = edit["metrics"]["job_data"]
+    assert figures["after"] != figures["before"]  # the top neurons matter: a wrong fill would show
+    assert onnx_figures(stack.client.get(edit["links"]["model"]).content, tiny_cnn) == {
+        "after": pytest.approx(figures["after"], abs=1e-12),
+        "groups": {g: pytest.approx(v["after"], abs=1e-12) for g, v in figures["groups"].items()},
+    }
