@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from worker.shapley import MetricSpec, NeuronGame, ablation_curve, load_data, load_model
-from worker.shapley.ablation import weight_norms
+from worker.shapley.ablation import relative_weight_norms, weight_norms
 
 
 def l1(weight: torch.Tensor) -> torch.Tensor:
@@ -26,11 +26,15 @@ def test_weight_norms_are_the_l1_norms_of_each_filter_and_weight_row(tiny_cnn, t
     assert torch.allclose(weight_norms(game), torch.cat([l1(mlp.fc1.weight), l1(mlp.fc2.weight)]))
 
 
-def test_the_weight_norm_curve_removes_the_smallest_norms_first(tiny_cnn):
+def test_the_weight_norm_curve_removes_the_smallest_norms_relative_to_their_layer_first(tiny_cnn):
     game = NeuronGame(load_model(tiny_cnn.pt2), load_data(tiny_cnn.npz), MetricSpec("accuracy"), batch_size=10**6)
     values = torch.linspace(1, -1, game.n_players)  # any ranking: the baseline does not read it
     curve = ablation_curve(game, values, k=4)
-    norms = weight_norms(game)
+    norms = relative_weight_norms(game)
+    raw = weight_norms(game)
+    for layer in game.layers:  # each layer's L1 norms over their mean: a first layer's few weights do not sink it
+        block = slice(layer.offset, layer.offset + layer.size)
+        assert torch.allclose(norms[block], raw[block] / raw[block].mean())
     smallest = torch.argsort(norms)[:4].tolist()
     names = game.player_names()
     assert curve["removed_weight_norm"] == [{"layer": names[i][0], "index": names[i][1]} for i in smallest]

@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.shapley import MetricSpec, NeuronGame, TMABConfig, exact_shapley, load_data, load_model, run_tmab
+from worker.shapley import (
+    MetricSpec,
+    NeuronGame,
+    TMABConfig,
+    exact_shapley,
+    load_data,
+    load_model,
+    relative_weight_norms,
+    run_tmab,
+)
 from worker.shapley.masking import build_masked_model
 from worker.shapley.players import find_layers, select_layers
 
@@ -164,11 +173,7 @@ def test_digits_cnn_top10_matches_reference_and_removing_it_hurts_most(small_cnn
     by_value = drop(torch.argsort(est.values, descending=True)[:k].tolist())
     gen = torch.Generator().manual_seed(0)
     by_random = sum(drop(torch.randperm(n, generator=gen)[:k].tolist()) for _ in range(20)) / 20
-    m = small_cnn.module
-    norms = torch.cat(
-        [m.conv1.weight.flatten(1).norm(dim=1), m.conv2.weight.flatten(1).norm(dim=1), m.fc1.weight.norm(dim=1)]
-    ).detach()
-    by_norm = drop(torch.argsort(norms)[:k].tolist())
+    by_norm = drop(torch.argsort(relative_weight_norms(game))[:k].tolist())
     assert by_value > 0.3, (by_value, by_random, by_norm)
     assert by_value > 2 * max(by_random, by_norm, 0.01), (by_value, by_random, by_norm)
 

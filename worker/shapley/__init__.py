@@ -8,7 +8,7 @@ evaluation set, make a :class:`NeuronGame`, and run :func:`run_tmab`.
     ranked_neurons(game, estimate)[:10]
 """
 
-from .ablation import ablation_curve, weight_norms
+from .ablation import ablation_curve, relative_weight_norms, weight_norms
 from .data import EvalData, load_data
 from .editing import EditError, run_edit
 from .errors import DataError, ModelError, SpecError, UserInputError
@@ -42,5 +42,6 @@ __all__ = [
     "run_tmab",
     "run_edit",
     "ablation_curve",
+    "relative_weight_norms",
     "weight_norms",
 ]

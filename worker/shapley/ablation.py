@@ -20,7 +20,7 @@ import torch
 
 from .game import NeuronGame
 
-__all__ = ["ablation_curve", "weight_norms"]
+__all__ = ["ablation_curve", "relative_weight_norms", "weight_norms"]
 
 
 def weight_norms(game: NeuronGame) -> torch.Tensor:
@@ -44,9 +44,24 @@ def weight_norms(game: NeuronGame) -> torch.Tensor:
     return torch.cat([found[layer.name].flatten(1).abs().sum(1).double().cpu() for layer in game.layers])
 
 
+def relative_weight_norms(game: NeuronGame) -> torch.Tensor:
+    """Each player's L1 weight norm over the mean of its layer's: the order the weight-norm baseline removes in.
+
+    Raw L1 norms grow with a layer's fan-in (9 weights in a first 3×3 filter, thousands in a linear row), so a
+    ranking across layers by raw norm removes a small first layer whole, which no pruning method does. Norms
+    relative to the layer's mean compare filters across layers (Torch-Pruning's ``normalizer="mean"`` for global
+    pruning; within one layer the order is Li et al.'s smallest-L1 filters).
+    """
+    norms = weight_norms(game)
+    for layer in game.layers:
+        block = norms[layer.offset : layer.offset + layer.size]
+        block /= block.mean().clamp_min(torch.finfo(block.dtype).tiny)
+    return norms
+
+
 @torch.inference_mode()
 def ablation_curve(game: NeuronGame, values: torch.Tensor, k: int = 10, random_draws: int = 5, seed: int = 0) -> dict:
-    """Metric after removing the top, bottom, smallest-weight-norm and random 0..K neurons.
+    """Metric after removing the top, bottom, smallest-weight-norm (relative to the layer's) and random 0..K neurons.
 
     Args:
         game: the game the values were estimated on.
@@ -59,7 +74,7 @@ def ablation_curve(game: NeuronGame, values: torch.Tensor, k: int = 10, random_d
     n = game.n_players
     k = max(1, min(k, n // 2))
     order = torch.argsort(values.double(), descending=True, stable=True)
-    by_norm = torch.argsort(weight_norms(game), stable=True)
+    by_norm = torch.argsort(relative_weight_norms(game), stable=True)
     generator = torch.Generator().manual_seed(seed)
     orders = [order, order.flip(0), by_norm] + [torch.randperm(n, generator=generator) for _ in range(random_draws)]
     masks = torch.ones(len(orders), k + 1, n, dtype=torch.bool)
