@@ -13,9 +13,9 @@ For each network (the graphs the ``onnx`` wheel ships, ``tests/harness/zoo.py``)
   reshapes to a fixed size need 224), with ``--examples`` random inputs labelled by the intact model's own
   argmax, metric accuracy, every default player, the library's defaults;
 * seconds to load, seconds to build the game (its load-time checks included), then ``run_tmab`` for
-  ``--budget`` seconds counted from the end of the build: evaluations per second, coalitions per pass, the pass's
-  activation estimate (``bytes_per_row`` x batch x coalitions per pass) and the process's peak RSS, whole and
-  above what it held before the estimator ran.
+  ``--budget`` seconds counted from the end of the build: evaluations per second (all coalitions run),
+  coalitions per pass, the pass's activation estimate (``bytes_per_row`` x batch x coalitions per pass) and
+  the process's peak RSS, whole and above what it held before the estimator ran.
 
 Each network runs in a fresh subprocess, so each peak RSS is its own. The machine may be shared: the load
 average is printed at the start and the end, with torch's thread count.
@@ -99,8 +99,9 @@ def measure(name: str, budget: float, examples: int) -> dict:
     before = _rss()
     estimate = run_tmab(game, config)
     row |= {
-        "evaluations": estimate.evaluations,
-        "evals_per_s": estimate.evaluations / max(estimate.elapsed_s, 1e-9),
+        # every coalition run, those of a round the budget cut short too: the forward work done
+        "evaluations": estimate.evaluations + estimate.discarded_evaluations,
+        "evals_per_s": (estimate.evaluations + estimate.discarded_evaluations) / max(estimate.elapsed_s, 1e-9),
         "peak_rss_mib": _peak_rss() / 2**20,
         "pass_rss_mib": max(0, _peak_rss() - before) / 2**20,
     }
