@@ -196,7 +196,7 @@ def test_errors_found_by_the_worker_fail_the_job_with_a_message_not_a_trace(kind
         np.savez(buf, inputs=x, labels=np.zeros(20, dtype=np.int64))
         wrong_shape = submit(stack.client, tiny_cnn, QUICK, data=("eval.npz", buf.getvalue()))
         top_k = submit(stack.client, tiny_cnn, {"metric": {"name": "accuracy"}, "estimator": {"top_k": 50}})
-        for job, needle in ((no_layer, "block9"), (wrong_shape, "shape"), (top_k, "top_k")):
+        for job, needle in ((no_layer, "block9"), (wrong_shape, "size"), (top_k, "top_k")):
             failed = stack.wait(job["id"], ("failed", "succeeded"))
             assert failed["state"] == "failed", failed
             assert needle in failed["error"]["detail"], failed["error"]
