@@ -281,8 +281,8 @@ def engine_table(scale: Scale, folder: Path, threads: int) -> None:
             grouped=False,
         )
         plain_build = time.perf_counter() - t
-        q = tmab_pass(plain)  # the same seed: the same batches and walks, run through the plain game's own prefix
-        assert torch.equal(q.masks, p.masks) and torch.equal(q.lanes, p.lanes)
+        # The same batches (tmab_pass draws them first, from the same seed) through the plain game's own prefix.
+        q = Pass(plain.sample(torch.Generator().manual_seed(0), int(p.lanes.max()) + 1), p.masks, p.lanes)
         load = _load()
         engine = rate(engine_step(game, p), scale.seconds)
         plain_rate = rate(plain_step(plain, q), scale.seconds)
