@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -87,7 +88,7 @@ def refusals(tiny_cnn) -> list[tuple[str, dict, tuple[str, bytes], tuple[str, by
             ("five-by-five.npz", npz(inputs=np.zeros((20, 1, 5, 5), np.float32), labels=np.zeros(20, np.int64))),
             "data",
             "data-error",
-            ("shape the model expects",),
+            ("fixes the spatial size", "Resize (or crop) the data to 8×8"),
         ),
         (
             "labels beyond the model's classes",
@@ -204,3 +205,21 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnx")))
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["202", "422", "[]"], result.stdout
+
+
+def test_the_check_server_outlives_a_check_that_crashes(tiny_cnn, tmp_path):
+    """A check killed by its memory limit is no answer (the job would be accepted, the worker judges), and the
+    next check, forked from the same server, answers as usual."""
+    from worker.preflight import _Server
+
+    (tmp_path / "cnn.onnx").symlink_to(tiny_cnn.onnx)
+    (tmp_path / "eval.npz").symlink_to(tiny_cnn.npz)
+    request = {"cwd": str(tmp_path), "model": "cnn.onnx", "data": "eval.npz", "spec": json.dumps(QUICK)}
+    server = _Server()
+    answer, trouble = server.check(request, memory_bytes=1 << 20, timeout_s=120)  # 1 MiB: nothing fits
+    assert answer is None and "without an answer" in trouble
+    answer, trouble = server.check(request, memory_bytes=4 << 30, timeout_s=120)
+    assert answer is not None and answer["ok"] and answer["players"] > 0, trouble
+    first = server._process
+    answer, _ = server.check(request, memory_bytes=4 << 30, timeout_s=120)
+    assert answer is not None and answer["ok"] and server._process is first  # one server, one fork per check

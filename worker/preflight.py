@@ -5,9 +5,11 @@ load, data it cannot take, or layers and a metric that do not fit it are
 refused at ``POST /v1/jobs`` instead of failing the job a second later.
 :func:`check_upload` is the API's :class:`app.jobs.uploads.CheckUpload`,
 wired by ``neuronshap.server``. It does not load torch in the API process:
-the check runs in a child, ``python -m worker.preflight MODEL DATA SPEC``,
-which also keeps an upload a stranger crafted away from the API process. The
-child builds the game exactly as the worker will (:func:`worker.translate.build_game`:
+the check runs in a child of a check server (``python -m worker.preflight
+--serve``, started on the first check, torch imported once, one fork per
+check), which also keeps an upload a stranger crafted away from the API
+process; ``python -m worker.preflight MODEL DATA SPEC`` runs one check by
+hand. The child builds the game exactly as the worker will (:func:`worker.translate.build_game`:
 the same loaders, the same layer, metric and ``top_k`` checks, the same
 messages), on the CPU, without estimating anything, under a memory limit,
 and prints one JSON object.
@@ -28,13 +30,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import resource
+import select
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
+import uuid
 from pathlib import Path
 
 from app.jobs.spec import JobSpec
@@ -66,37 +73,84 @@ def check_upload(spec: JobSpec, model: StoredUpload, data: StoredUpload, timeout
         with tempfile.TemporaryDirectory(prefix="neuronshap-preflight-") as tmp:
             names = [_link(Path(tmp), upload, part) for upload, part in ((model, "model"), (data, "data"))]
             limit = BASE_MEMORY_BYTES + MEMORY_PER_UPLOADED_BYTE * sum(u.path.stat().st_size for u in (model, data))
-            command = [sys.executable, "-m", "worker.preflight", f"--memory-bytes={limit}", "--", *names]
-            command.append(spec.model_dump_json(by_alias=True))
-            try:
-                done = subprocess.run(
-                    command,
-                    cwd=tmp,
-                    env=_child_env(),
-                    capture_output=True,
-                    text=True,
-                    timeout=max(0.0, deadline - time.monotonic()),
-                )
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "upload check of %s timed out after %g s; accepted (the worker judges it)", names[0], timeout_s
-                )
-                return None
+            request = {"cwd": tmp, "model": names[0], "data": names[1], "spec": spec.model_dump_json(by_alias=True)}
+            answer, trouble = _SERVER.check(request, limit, max(0.0, deadline - time.monotonic()))
     finally:
         _SLOTS.release()
-    answer = _answer(done.stdout)
-    if done.returncode != 0 or answer is None:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        log.warning(
-            "upload check of %s ended without an answer (exit %s: %s); accepted (the worker judges it)",
-            names[0],
-            done.returncode,
-            last,
-        )
+    if answer is None:
+        log.warning("upload check of %s %s; accepted (the worker judges it)", names[0], trouble)
         return None
     if answer["ok"]:
         return None
     return Rejection(answer["part"], answer["detail"])
+
+
+class _Server:
+    """The API's side of ``python -m worker.preflight --serve``: one child that imports torch and the loaders
+    once, and forks one process per check.
+
+    Starting Python and importing torch was most of a check's cost (about 1.7 s of CPU of 2.8 s for the digits
+    CNN); a fork of a process that has them costs milliseconds. The forked process is as isolated as a fresh
+    one: its own address-space limit and alarm, and its answer in a file of its own directory. The server is
+    started on the first check and again whenever it has died; requests and answers are JSON lines matched by id.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[str] | None = None
+        self._waiting: dict[str, tuple[threading.Event, list[dict]]] = {}
+
+    def check(self, request: dict, memory_bytes: int, timeout_s: float) -> tuple[dict | None, str]:
+        """The check's answer and, when there is none, what happened instead (for the log)."""
+        ident = uuid.uuid4().hex
+        done, box = threading.Event(), list[dict]()
+        self._waiting[ident] = (done, box)
+        try:
+            with self._lock:
+                process = self._running()
+                assert process.stdin is not None
+                line = {**request, "id": ident, "memory_bytes": memory_bytes, "timeout_s": timeout_s}
+                process.stdin.write(json.dumps(line) + "\n")
+                process.stdin.flush()
+        except OSError as exc:  # the server died between two checks: the next check starts another
+            self._waiting.pop(ident, None)
+            return None, f"could not reach the check server ({exc})"
+        if not done.wait(timeout_s):
+            self._waiting.pop(ident, None)
+            return None, f"timed out after {timeout_s:g} s"
+        if not box or box[0].get("ok") is None:
+            return None, f"ended without an answer ({box[0].get('exit') if box else 'the check server stopped'})"
+        return box[0], ""
+
+    def _running(self) -> subprocess.Popen[str]:
+        if self._process is None or self._process.poll() is not None:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "worker.preflight", "--serve"],
+                cwd=ROOT,
+                env=_child_env(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            threading.Thread(target=self._answers, args=(self._process,), name="preflight", daemon=True).start()
+        return self._process
+
+    def _answers(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            try:
+                answer = json.loads(line)
+            except json.JSONDecodeError:  # a library printed to stdout: not an answer
+                continue
+            waiter = self._waiting.pop(str(answer.get("id")), None) if isinstance(answer, dict) else None
+            if waiter is not None:
+                waiter[1].append(answer)
+                waiter[0].set()
+        for done, _ in list(self._waiting.values()):  # the server is gone: nobody waits out the timeout for it
+            done.set()
+
+
+_SERVER = _Server()
 
 
 def _link(directory: Path, upload: StoredUpload, part: str) -> str:
@@ -120,16 +174,6 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _answer(stdout: str) -> dict | None:
-    """The child's JSON answer: its last line of output (a library may print before it)."""
-    lines = stdout.strip().splitlines()
-    try:
-        answer = json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:
-        return None
-    return answer if isinstance(answer, dict) and "ok" in answer else None
-
-
 # --- the child -------------------------------------------------------------------------------------------------
 
 
@@ -150,16 +194,78 @@ def judge(model: str, data: str, spec: JobSpec) -> dict:
     return {"ok": True, "players": game.n_players}
 
 
+def serve() -> int:
+    """``--serve``: read check requests (JSON lines) on stdin; fork one process per check; print each answer.
+
+    The parent imports torch and the loaders before the first request and runs no torch op itself, so that a
+    fork starts no thread pool twice. It stays single-threaded: stdin and finished children are watched from
+    one loop. It ends when stdin closes (the API process is gone).
+    """
+    import torch  # noqa: F401  imported once here, so that every forked check has it
+
+    import worker.translate  # noqa: F401  and the loaders
+
+    children: dict[int, dict] = {}
+    pending = b""
+    stdin = sys.stdin.fileno()
+    open_ = True
+    while open_ or children:
+        ready, _, _ = select.select([stdin] if open_ else [], [], [], 0.05 if children else None)
+        if ready:
+            chunk = os.read(stdin, 1 << 16)
+            open_ = bool(chunk)
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                request = json.loads(line)
+                pid = os.fork()
+                if pid == 0:  # the check: never returns into the loop
+                    os._exit(_forked_check(request))
+                children[pid] = request
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            request = children.pop(pid)
+            answer_file = Path(request["cwd"]) / _ANSWER
+            answer = json.loads(answer_file.read_text()) if answer_file.exists() else {"ok": None}
+            answer_file.unlink(missing_ok=True)
+            print(json.dumps({**answer, "id": request["id"], "exit": os.waitstatus_to_exitcode(status)}), flush=True)
+    return 0
+
+
+_ANSWER = ".answer.json"
+
+
+def _forked_check(request: dict) -> int:
+    """One check in a forked process: its limits first, then the judgement, written where the server reads it."""
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (request["memory_bytes"], request["memory_bytes"]))
+        signal.alarm(max(1, math.ceil(request["timeout_s"])))  # killed past the time the API waits
+        os.chdir(request["cwd"])  # the uploads under their client names: messages name those
+        answer = judge(request["model"], request["data"], JobSpec.model_validate_json(request["spec"]))
+        Path(_ANSWER).write_text(json.dumps(answer))
+        return 0
+    except BaseException:  # a crash is no answer: the API accepts and the worker judges
+        traceback.print_exc()
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m worker.preflight",
         description="Check that a model loads, takes the data and fits a job spec; prints one JSON object.",
     )
-    parser.add_argument("model", help="the model file (.onnx, .pt2)")
-    parser.add_argument("data", help="the evaluation set (.npz, .safetensors)")
-    parser.add_argument("spec", help="the job spec as JSON text")
+    parser.add_argument("model", nargs="?", help="the model file (.onnx, .pt2)")
+    parser.add_argument("data", nargs="?", help="the evaluation set (.npz, .safetensors)")
+    parser.add_argument("spec", nargs="?", help="the job spec as JSON text")
     parser.add_argument("--memory-bytes", type=int, default=None, help="limit this process's address space")
+    parser.add_argument("--serve", action="store_true", help="serve checks on stdin (the API's check server)")
     args = parser.parse_args(argv)
+    if args.serve:
+        return serve()
+    if not (args.model and args.data and args.spec):
+        parser.error("MODEL, DATA and SPEC are needed (or --serve)")
     if args.memory_bytes:  # before anything is read: a file crafted to exhaust memory hits the limit, not the host
         resource.setrlimit(resource.RLIMIT_AS, (args.memory_bytes, args.memory_bytes))
     print(json.dumps(judge(args.model, args.data, JobSpec.model_validate_json(args.spec))))
