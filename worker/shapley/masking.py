@@ -32,7 +32,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, UserInputError
 from .players import Layer, gate_site
 
 __all__ = [
@@ -335,6 +335,8 @@ class _Recorder(torch.fx.Interpreter):
         check: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(gm)
+        # A model's own error reaches the user as the model wrote it, without fx's node dump appended.
+        self.extra_traceback = False
         self.keep, self.on_value, self.check = keep, on_value, check
         self.shapes: dict[torch.fx.Node, torch.Size | None] = {}
         self.values: dict[torch.fx.Node, torch.Tensor] = {}
@@ -370,7 +372,7 @@ def probe(gm: torch.fx.GraphModule, x: torch.Tensor, check: Callable[[], None] |
             recorder.run(x)
     except BuildTimeout:
         raise
-    except ModelError:  # the model says what it needs itself (onnx_import's checks of a fixed input size)
+    except UserInputError:  # the model says what it needs itself (onnx_import's checks of a fixed input size)
         raise
     except Exception as exc:  # the model's own error says what it expected
         raise DataError(

@@ -39,7 +39,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from worker.shapley.errors import ModelError
+from worker.shapley.errors import DataError, ModelError
 
 __all__ = ["onnx_to_graph_module"]
 
@@ -792,7 +792,8 @@ _SizeCheck = tuple[int, tuple[str, str]]
 def _check_size(x: torch.Tensor, check: _SizeCheck | None) -> None:
     if check is not None and math.prod(x.shape[1:]) != check[0]:
         (before, after) = check[1]
-        raise ModelError(f"{before}{'×'.join(map(str, x.shape[1:]))} = {math.prod(x.shape[1:])} values{after}")
+        # The data's fault as much as the graph's: the message offers a fix on either.
+        raise DataError(f"{before}{'×'.join(map(str, x.shape[1:]))} = {math.prod(x.shape[1:])} values{after}")
 
 
 def _reshape(
