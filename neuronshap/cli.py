@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument(
         "--activation-memory-mb",
         type=_positive_int,
-        help="activation memory one forward pass may use, in MiB (default $NEURONSHAP_ACTIVATION_MEMORY_MB, else a "
-        "quarter of the machine's memory on the CPU, 8 GiB on a GPU)",
+        help="activation memory one forward pass may use, in MiB (default $NEURONSHAP_ACTIVATION_MEMORY_MB, else "
+        "half the machine's memory on the CPU, 8 GiB on a GPU)",
     )
     est.add_argument("--limit", type=int, default=20, help="neurons to print as text (--json prints all)")
     est.add_argument(

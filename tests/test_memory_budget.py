@@ -54,7 +54,7 @@ def game(wide, memory_bytes: int, batch_size: int = 64) -> NeuronGame:
 
 
 def test_the_budget_sets_coalitions_per_pass(wide):
-    one = game(wide, 64 << 20)
+    one = game(wide, 512 << 20)
     needed = one.bytes_per_row * one.batch_size  # one coalition on one batch
     # the live activations of a row: at least the two 32x32x32 float tensors a conv reads and writes
     assert one.bytes_per_row >= 2 * 32 * 32 * 32 * 4
@@ -63,7 +63,7 @@ def test_the_budget_sets_coalitions_per_pass(wide):
         budget = -(-coalitions * needed * 4 // 3)  # a quarter of the budget is kept for grouped linear layers
         sizes[coalitions] = game(wide, budget).max_coalitions_per_pass
     assert sizes == {1: 1, 3: 3, 12: 12}
-    assert game(wide, 64 << 20, batch_size=16).max_coalitions_per_pass >= 4 * one.max_coalitions_per_pass
+    assert game(wide, 512 << 20, batch_size=16).max_coalitions_per_pass >= 4 * one.max_coalitions_per_pass
 
 
 def test_a_model_that_cannot_fit_one_coalition_is_refused_saying_what_it_needs(wide):

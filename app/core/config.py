@@ -68,7 +68,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="activation memory one forward pass of a job may use (MiB); it bounds coalitions per pass, and "
-        "a model that cannot fit one coalition in it fails saying how much it needs; default: a quarter of the "
+        "a model that cannot fit one coalition in it fails saying how much it needs; default: half the "
         "machine's memory on the CPU, 8 GiB on a GPU",
     )
 
