@@ -22,7 +22,8 @@ two ``neuronshap worker`` processes), and:
   one in ten is submitted twice with the same ``Idempotency-Key`` (the same
   job must come back); one in ten is cancelled right after submitting, one in
   ten once it runs (both must end ``cancelled``); one in ten asks for a class
-  the model does not have (it must fail, with a ``spec-error``);
+  the model does not have (it must be refused at submission, a 422, and no job
+  made: the submission check builds the job's game);
 * when a third of the jobs have ended, one worker is SIGKILLed in the middle
   of whatever it holds, and a new worker is started a few seconds later. The
   leases are short here (``LEASE_S=3``), so the reconcilers requeue what the
@@ -36,7 +37,7 @@ At the end it checks, from PostgreSQL and the workers' logs, and prints:
 * nothing is stuck: no job queued, running or cancelling, no lease held, no
   checkpoint left;
 * results stored once: a succeeded job has one row per neuron (and each
-  neuron once), one ablation curve; a failed job has none;
+  neuron once), one ablation curve; no job failed;
 * each job that a worker started has its end logged exactly once (by the
   worker, or by a reconciler ending a cancellation whose worker died), and
   each tenant's job list holds exactly its own jobs.
@@ -86,7 +87,7 @@ EXPECTED = {
     "retried": "succeeded",
     "cancel-queued": "cancelled",
     "cancel-running": "cancelled",
-    "bad-class": "failed",
+    "bad-class": "refused",  # at submission: the check builds the job's game, and a class the model lacks is a 422
 }
 SMALL = {"metric": {"name": "accuracy"}, "estimator": {"top_k": 3, "max_iterations": 6}}
 SPECS = {
@@ -180,6 +181,16 @@ def drive(url: str, api_key: str, outcomes: list[Outcome], model: Path, data: Pa
         try:
             key = f"load-{o.index}" if o.kind == "retried" else None
             t = time.monotonic()
+            if o.kind == "bad-class":
+                try:
+                    submit(client, model, data, SPECS[o.kind], key, throttled)
+                    o.error = "a class the model lacks was accepted (202), not refused (422)"
+                except ServiceError as exc:
+                    if exc.status == 422:
+                        o.submit_s, o.first_terminal = time.monotonic() - t, "refused"
+                    else:
+                        o.error = f"submit answered {exc.status}, not 422: {exc}"
+                continue
             job = submit(client, model, data, SPECS[o.kind], key, throttled)
             o.submit_s, o.job_id, started[o.index] = time.monotonic() - t, job["id"], t
             if o.kind == "retried":  # the pipeline's retry of the same request: the same job, nothing new
@@ -288,7 +299,7 @@ def verify(run: Run, database_url: str, logs: list[Path], url: str, keys: dict[s
                 f"job {job.id}: {neurons.get(job.id)} neuron rows ({distinct.get(job.id)} distinct) for "
                 f"{players} players, ablation curve {job.id in curves}"
             )
-        if job.state == "failed" and (neurons.get(job.id) or (job.error or {}).get("type") != "spec-error"):
+        if job.state == "failed":  # no kind of job in this load may fail: a bad spec is refused before it exists
             problems.append(f"job {job.id} failed with {job.error} and {neurons.get(job.id)} neuron rows")
     if checkpoints:
         problems.append(f"{checkpoints} checkpoints left behind")
