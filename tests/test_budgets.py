@@ -126,6 +126,30 @@ def heavy_cnn(tmp_path_factory) -> tuple[Path, Path]:
     return directory / "heavy.onnx", directory / "heavy.npz"
 
 
+class EstimatedSlowGame(SlowGame):
+    """A SlowGame that knows what a coalition costs before running one, as NeuronGame does from its probes."""
+
+    @property
+    def seconds_per_row(self) -> float:
+        return self.seconds
+
+
+def test_a_first_pass_that_would_end_past_the_deadline_is_not_started():
+    """Without an estimate the first pass (each lane's two ends) is the probe of the cost, and it may itself run
+    far past the budget; with the game's estimate it is not started."""
+    t = time.monotonic()
+    estimate = run_tmab(EstimatedSlowGame(50, 0.5), TMABConfig(**ENDLESS, max_seconds=1.0), started_at=t)
+    assert estimate.stop_reason == "max_seconds" and estimate.iterations == 0 and estimate.discarded_evaluations == 0
+    assert time.monotonic() - t < 1.0  # 8 ends at 0.5 s each were not run
+    blind = run_tmab(SlowGame(50, 0.5), TMABConfig(**ENDLESS, max_seconds=1.0), started_at=time.monotonic())
+    assert blind.stop_reason == "max_seconds" and blind.discarded_evaluations == 8  # the probe ran, then stopped
+
+
+def test_a_neuron_game_on_the_cpu_estimates_a_forward_pass_per_example(tiny_cnn):
+    game = NeuronGame(load_model(tiny_cnn.onnx), load_data(tiny_cnn.npz), MetricSpec("accuracy"), device="cpu")
+    assert game.seconds_per_row is not None and 0 < game.seconds_per_row < 1
+
+
 def test_a_build_past_its_deadline_stops_between_two_nodes(tiny_cnn):
     with pytest.raises(BuildTimeout):
         NeuronGame(

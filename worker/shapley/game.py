@@ -10,6 +10,7 @@ M metric values it reads back per pass.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +86,13 @@ class NeuronGame:
 
         # A few examples for every load-time check, each run once (probes) and shared: see probe_batches.
         example = data.inputs[:3]
+        started = time.monotonic()
         probes = probe_batches(model, example, check)
+        # What one example's forward pass costs, from the probes' 2 + 3 examples (node by node, so an upper bound):
+        # the estimator's first pass under a deadline is sized by it rather than by a probe that may itself
+        # overrun (8 coalitions of 64 examples of ResNet-50 at 224 px took minutes on a CPU). Measured on the
+        # CPU, so only a CPU game has it.
+        self.seconds_per_row: float | None = (time.monotonic() - started) / 5 if self.device.type == "cpu" else None
         scores = _class_scores(probes.out3)
         self.n_classes = int(scores.shape[1])
         probabilities = bool((scores >= 0).all() and torch.allclose(scores.sum(1), torch.ones(len(scores)), atol=1e-4))

@@ -348,8 +348,9 @@ class _Runner:
     def _pass_cap(self, pending_ends: int) -> int | None:
         """Most coalitions the next pass may hold to end by the deadline; None: no limit; 0: stop now.
 
-        Without a measured cost yet, the first pass is the ends alone (a probe); after that the cost per
-        coalition seen so far decides. Only ``max_seconds`` changes a pass's size, and only near its deadline.
+        Without a measured cost yet, the game's own estimate of a forward pass per example (``seconds_per_row``,
+        if it has one) sizes the first pass, else the first pass is the ends alone (a probe); after that the cost
+        per coalition seen so far decides. Only ``max_seconds`` changes a pass's size, and only near its deadline.
         """
         if self.cfg.max_seconds is None:
             return None
@@ -357,7 +358,10 @@ class _Runner:
         if left <= 0:
             return 0
         if self.coalition_s is None:
-            return pending_ends or 1
+            per_row = getattr(self.game, "seconds_per_row", None)  # a game's own estimate (NeuronGame's probes)
+            if per_row is None:
+                return pending_ends or 1
+            return int(left / (per_row * self.game.rows_per_coalition))
         return int(left / self.coalition_s)
 
     def _round(self, lanes: int, active: torch.Tensor) -> bool:
