@@ -179,12 +179,16 @@ def _child_env() -> dict[str, str]:
 
 def judge(model: str, data: str, spec: JobSpec) -> dict:
     """Build the job's game as the worker will; the answer the child prints."""
+    from app.core.config import get_settings
     from worker.shapley.errors import DataError, ModelError, UserInputError
     from worker.translate import build_game
 
     parts: dict[type, RejectedPart] = {ModelError: "model", DataError: "data"}
+    memory_mb = get_settings().activation_memory_mb  # the deployment's setting, as the worker reads it
     try:
-        game, _ = build_game(spec, model, data, device="cpu")
+        game, _ = build_game(
+            spec, model, data, device="cpu", memory_bytes=None if memory_mb is None else memory_mb << 20
+        )
     except UserInputError as exc:  # anything else is not the upload's fault: it crashes, and the worker judges
         part = parts.get(type(exc), "spec")
         # Say which file the message is about when it does not: a pipeline submits many.
