@@ -58,6 +58,8 @@ def test_a_job_runs_to_its_ranked_neurons_events_and_ablation_check(stack, tiny_
     assert done["state"] == "succeeded", done["error"]
     assert done["progress"]["iterations"] == 40 and done["progress"]["players"] == 10
     assert done["started_at"] and done["finished_at"] and done["finished_at"].endswith(("Z", "+00:00"))
+    for name in ("neurons", "ablation", "importance", "edits", "report"):  # every link of a finished job answers
+        assert stack.client.get(done["links"][name]).status_code == 200, name
 
     page = stack.client.get(f"/v1/jobs/{job['id']}/neurons", params={"limit": 4}).json()
     assert [n["rank"] for n in page["items"]] == [1, 2, 3, 4] and page["next_cursor"]

@@ -44,6 +44,9 @@ class JobLinks(BaseModel):
     neurons: str
     events: str
     ablation: str
+    importance: str
+    edits: str
+    report: str
 
 
 class JobOut(BaseModel):

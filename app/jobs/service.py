@@ -331,6 +331,9 @@ def job_view(job: Job, bus: Bus) -> dict:
             "neurons": f"{base}/neurons",
             "events": f"{base}/events",
             "ablation": f"{base}/ablation",
+            "importance": f"{base}/importance",
+            "edits": f"{base}/edits",
+            "report": f"{base}/report",
         },
     }
 
