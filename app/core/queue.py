@@ -5,12 +5,16 @@ Both adapters take only an id, a job's (:meth:`Queue.enqueue`) or an edit's
 is the record of what to run. With a broker configured, :func:`celery_app` is
 shared by the API (to send) and ``worker.tasks`` (to run).
 
-A Celery message is acknowledged when a worker *receives* it
-(``task_acks_late`` off), not when the job ends. With Redis as the broker an
-unacknowledged message goes back to the queue after the visibility timeout,
-and jobs run for hours: acknowledging late would hand a running job to a
-second worker. A job whose worker dies is recovered from the database (its
-state and checkpoint), not from the broker.
+Celery acknowledges a message as its task starts (``task_acks_late`` off),
+not when the job ends: with Redis as the broker an unacknowledged message goes
+back to the queue after the visibility timeout (12 h here), and jobs run for
+hours. The Redis transport carries that acknowledgement out from the worker's
+event loop, which the ``solo`` pool does not turn while a job runs, so the
+message stays in kombu's ``unacked`` set until the job ends (seen in the
+tests): a job running past the visibility timeout is delivered again, and the
+second delivery finds the job's lease held (or the job ended) and skips it,
+because the claim is a conditional update. A job whose worker dies is
+recovered from the database (its state and checkpoint), not from the broker.
 """
 
 from __future__ import annotations
