@@ -14,10 +14,9 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -266,18 +265,7 @@ def list_edits(session: Session, settings: Settings, tenant: str, job_id: str, l
     get_job(session, tenant, job_id)
     scope = f"edits:{job_id}"
     query = select(Edit).where(Edit.job_id == job_id)
-    if cursor is not None:
-        pos = cursors.decode(cursor, scope, settings.cursor_secret)
-        created, last_id = datetime.fromisoformat(pos["c"]), pos["i"]
-        query = query.where(or_(Edit.created_at < created, and_(Edit.created_at == created, Edit.id < last_id)))
-    edits = list(session.scalars(query.order_by(Edit.created_at.desc(), Edit.id.desc()).limit(limit + 1)))
-    next_cursor = None
-    if len(edits) > limit:
-        edits = edits[:limit]
-        last = edits[-1]
-        next_cursor = cursors.encode(
-            {"c": utc(last.created_at).isoformat(), "i": last.id}, scope, settings.cursor_secret
-        )
+    edits, next_cursor = cursors.newest_first(session, query, Edit, scope, settings.cursor_secret, limit, cursor)
     return {"items": [edit_view(e) for e in edits], "next_cursor": next_cursor}
 
 

@@ -15,10 +15,9 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
 
 from pydantic import ValidationError
-from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -354,18 +353,7 @@ def list_jobs(
     query = select(Job).where(Job.tenant == tenant)
     if state is not None:
         query = query.where(Job.state == state)
-    if cursor is not None:
-        pos = cursors.decode(cursor, scope, settings.cursor_secret)
-        created, last_id = datetime.fromisoformat(pos["c"]), pos["i"]
-        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
-    jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    next_cursor = None
-    if len(jobs) > limit:
-        jobs = jobs[:limit]
-        last = jobs[-1]
-        next_cursor = cursors.encode(
-            {"c": utc(last.created_at).isoformat(), "i": last.id}, scope, settings.cursor_secret
-        )
+    jobs, next_cursor = cursors.newest_first(session, query, Job, scope, settings.cursor_secret, limit, cursor)
     return {"items": [job_view(j, bus) for j in jobs], "next_cursor": next_cursor}
 
 
