@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper
 
-from tests.harness.archs import i64, onnx_graph, rand
+from tests.harness.archs import assert_matches_onnxruntime, i64, onnx_graph, rand
 from worker.shapley.errors import ModelError
 from worker.shapley.onnx_import import onnx_to_graph_module
 
@@ -293,15 +293,7 @@ OP_CASES = {
 @pytest.mark.parametrize("case", OP_CASES.values(), ids=OP_CASES.keys())
 def test_single_op_matches_onnxruntime(case):
     nodes, consts, opset, x_shape = case
-    model = onnx_graph(nodes, consts, opset, x_shape)
-    onnx.checker.check_model(model)
-    x = rand(*x_shape)
-    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (expected,) = session.run(None, {"x": x})
-    with torch.no_grad():
-        got = onnx_to_graph_module(model.SerializeToString())(torch.from_numpy(x)).numpy()
-    assert got.shape == expected.shape and got.dtype == expected.dtype
-    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=1e-5)
+    assert_matches_onnxruntime(onnx_graph(nodes, consts, opset, x_shape), x_shape, ATOL)
 
 
 def test_layer_name_rules_and_uniqueness():

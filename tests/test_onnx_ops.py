@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime
 import pytest
 import torch
 from onnx import TensorProto, helper
 
-from tests.harness.archs import i64, onnx_graph, rand
+from tests.harness.archs import assert_matches_onnxruntime, i64, onnx_graph, rand
 from worker.shapley.errors import ModelError
 from worker.shapley.onnx_import import onnx_to_graph_module
 from worker.shapley.players import gate_site
@@ -212,14 +211,7 @@ CASES = {
 def test_op_matches_onnxruntime(case):
     nodes, consts, opset, x_shape, *y_shape = case
     model = onnx_graph(nodes, consts, opset, x_shape, y_shape=y_shape[0] if y_shape else None)
-    onnx.checker.check_model(model)
-    x = rand(*x_shape)
-    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (expected,) = session.run(None, {"x": x})
-    with torch.no_grad():
-        got = onnx_to_graph_module(model.SerializeToString())(torch.from_numpy(x)).numpy()
-    assert got.shape == expected.shape and got.dtype == expected.dtype
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert_matches_onnxruntime(model, x_shape, 1e-5)
 
 
 def test_relu6_and_hardsigmoid_are_ops_the_mask_moves_past():

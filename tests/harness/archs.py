@@ -349,3 +349,19 @@ def rand(*shape: int) -> np.ndarray:
 
 def i64(*values: int) -> np.ndarray:
     return np.array(values, dtype=np.int64)
+
+
+def assert_matches_onnxruntime(model: onnx.ModelProto, x_shape: tuple[int, ...], atol: float) -> None:
+    """The converted ``model`` gives onnxruntime's output on a random input: same shape, dtype and values."""
+    import onnxruntime
+
+    from worker.shapley.onnx_import import onnx_to_graph_module
+
+    onnx.checker.check_model(model)
+    x = rand(*x_shape)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, {"x": x})
+    with torch.no_grad():
+        got = onnx_to_graph_module(model.SerializeToString())(torch.from_numpy(x)).numpy()
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    np.testing.assert_allclose(got, expected, atol=atol, rtol=1e-5)
