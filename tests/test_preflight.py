@@ -156,7 +156,7 @@ def test_a_check_out_of_time_accepts_and_the_worker_judges_without_a_temp_path(t
         job = submit(stack.client, tiny_cnn, QUICK, model=model)
         failed = stack.wait(job["id"], ("failed", "succeeded"))
     assert failed["state"] == "failed" and failed["error"]["type"] == "model-error", failed
-    assert "'model.onnx'" in failed["error"]["detail"] and "/tmp" not in failed["error"]["detail"], failed["error"]
+    assert "'shrunk.onnx'" in failed["error"]["detail"] and "/tmp" not in failed["error"]["detail"], failed["error"]
 
 
 def test_a_refusal_keeps_the_bytes_another_request_holds(tmp_path):

@@ -40,10 +40,11 @@ from app.jobs.models import Job, JobNeuron
 from app.jobs.schemas import Neuron
 from app.jobs.service import _forget_blob
 from app.jobs.states import JobState
-from worker.runner import ERROR_TYPES, _build, _in, _Patience, worker_identity
+from worker.runner import ERROR_TYPES, _build, _in, _Patience, job_files, worker_identity
 from worker.shapley import EditError, UserInputError, load_data, run_edit
 from worker.shapley.onnx_export import edited_onnx
 from worker.threads import apply_threads
+from worker.upload_names import link
 
 log = logging.getLogger(__name__)
 
@@ -116,19 +117,20 @@ def _measure(edit: Edit, job: Job, neurons: list[dict], settings: Settings) -> t
     """The edit's figures (the library's result) and the edited ONNX file."""
     with tempfile.TemporaryDirectory(prefix="neuronshap-edit-") as name:
         tmp = Path(name)
-        game, _ = _build(job, settings, tmp, None)
-        data = load_data(tmp / f"data.{job.data_format}")
+        held_out_dir = tmp / "held-out"  # apart: the held-out file may have the same name as the job's data
+        model_path, data_path = job_files(job, settings, tmp / "job")
+        game, _ = _build(job, settings, (model_path, data_path), None)
+        data = load_data(data_path)
         held_out = None
-        if edit.data_blob is not None:
-            path = tmp / f"held_out.{edit.data_format}"
-            path.symlink_to(BlobStore(settings.resolved_blob_dir).path(edit.data_blob).resolve())
+        if edit.data_blob is not None and edit.data_format is not None:  # set together, with the upload
+            store = BlobStore(settings.resolved_blob_dir)
+            path = link(held_out_dir, store.path(edit.data_blob), edit.data_name, edit.data_format, "held-out")
             try:
                 held_out = load_data(path)
             except UserInputError as exc:  # name the client's file, not a server path
-                detail = str(exc).replace(f"{tmp}{os.sep}", "").replace(path.name, edit.data_name or "the data file")
-                raise EditError(detail, "data") from exc
+                raise EditError(str(exc).replace(f"{held_out_dir}{os.sep}", ""), "data") from exc
         result = run_edit(game, neurons, edit.selection, data, held_out)
-        model = edited_onnx(tmp / f"model.{job.model_format}", game, result["removed"])
+        model = edited_onnx(model_path, game, result["removed"])
     return result, model
 
 

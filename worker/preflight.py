@@ -46,6 +46,7 @@ from pathlib import Path
 
 from app.jobs.spec import JobSpec
 from app.jobs.uploads import RejectedPart, Rejection, StoredUpload
+from worker.upload_names import link
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def check_upload(spec: JobSpec, model: StoredUpload, data: StoredUpload, timeout
         return None
     try:
         with tempfile.TemporaryDirectory(prefix="neuronshap-preflight-") as tmp:
-            names = [_link(Path(tmp), upload, part) for upload, part in ((model, "model"), (data, "data"))]
+            parts = ((model, "model"), (data, "data"))
+            names = [link(Path(tmp), u.path, u.filename, u.format, part).name for u, part in parts]
             limit = BASE_MEMORY_BYTES + MEMORY_PER_UPLOADED_BYTE * sum(u.path.stat().st_size for u in (model, data))
             request = {"cwd": tmp, "model": names[0], "data": names[1], "spec": spec.model_dump_json(by_alias=True)}
             answer, trouble = _SERVER.check(request, limit, max(0.0, deadline - time.monotonic()))
@@ -151,19 +153,6 @@ class _Server:
 
 
 _SERVER = _Server()
-
-
-def _link(directory: Path, upload: StoredUpload, part: str) -> str:
-    """Put the blob in ``directory`` under the client's file name (its last component, printable, with the
-    format's extension, which the loaders read); returns that name."""
-    name = Path((upload.filename or "").replace("\\", "/")).name
-    name = "".join(c for c in name if c.isprintable()).strip()[:120]
-    if not name or name.startswith("."):
-        name = part
-    if not name.lower().endswith(f".{upload.format}"):
-        name += f".{upload.format}"
-    (directory / name).symlink_to(upload.path.resolve())
-    return name
 
 
 def _child_env() -> dict[str, str]:

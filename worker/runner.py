@@ -59,6 +59,7 @@ from worker.shapley.report import no_evidence_message
 from worker.shapley.tmab import PassProgress
 from worker.threads import apply_threads
 from worker.translate import OutOfTime, build_game
+from worker.upload_names import link
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def run_job(
             started_at = time.monotonic()  # max_seconds counts from here: loading and building are part of the run
             with tempfile.TemporaryDirectory(prefix="neuronshap-") as tmp:
                 # A resumed job has evidence in its checkpoint: only a fresh one can run out of time while loading.
-                game, config = _build(job, settings, Path(tmp), started_at if checkpoint is None else None)
+                files = job_files(job, settings, Path(tmp))
+                game, config = _build(job, settings, files, started_at if checkpoint is None else None)
             resume = checkpoint.state if checkpoint is not None else None
             reporter.start(game, config, started_at, resume is not None)
             estimate = run_tmab(
@@ -245,21 +247,29 @@ class _Keeper:
                 return
 
 
-def _build(job: Job, settings: Settings, tmp: Path, started_at: float | None) -> tuple[NeuronGame, TMABConfig]:
-    """The game and the estimator settings the job's spec asks for."""
+def job_files(job: Job, settings: Settings, tmp: Path) -> tuple[Path, Path]:
+    """The job's model and data, linked into ``tmp`` under the names their client gave them (worker/upload_names.py
+    says why)."""
+    store = BlobStore(settings.resolved_blob_dir)
+    return (
+        link(tmp, store.path(job.model_blob), job.model_name, job.model_format, "model"),
+        link(tmp, store.path(job.data_blob), job.data_name, job.data_format, "data"),
+    )
+
+
+def _build(
+    job: Job, settings: Settings, files: tuple[Path, Path], started_at: float | None
+) -> tuple[NeuronGame, TMABConfig]:
+    """The game and the estimator settings the job's spec asks for, on its :func:`job_files`."""
     if job.model_format == "pt2" and not settings.allow_pickle_models:
         raise ModelError("This worker does not load .pt2 programs (loading one unpickles); upload an ONNX export.")
-    store = BlobStore(settings.resolved_blob_dir)
-    # The loaders read the format from the file's extension; blobs are stored by hash alone.
-    model_path, data_path = tmp / f"model.{job.model_format}", tmp / f"data.{job.data_format}"
-    model_path.symlink_to(store.path(job.model_blob).resolve())
-    data_path.symlink_to(store.path(job.data_blob).resolve())
+    (model_path, data_path), tmp = files, files[0].parent
     try:
         memory = None if settings.activation_memory_mb is None else settings.activation_memory_mb << 20
         return build_game(
             JobSpec.model_validate(job.spec), model_path, data_path, started_at=started_at, memory_bytes=memory
         )
-    except UserInputError as exc:  # the loaders name the path they read: say `model.onnx`, not a server's temp path
+    except UserInputError as exc:  # the loaders name the path they read: the client's file name, not our temp path
         raise type(exc)(str(exc).replace(f"{tmp}{os.sep}", "")) from exc
 
 

@@ -48,6 +48,9 @@ class Job(Base):
     model_format: Mapped[str] = mapped_column(String(16))
     data_blob: Mapped[str] = mapped_column(String(80))
     data_format: Mapped[str] = mapped_column(String(16))
+    # The names its client gave the uploads, for messages (a worker links the blobs under them: worker/upload_names.py).
+    model_name: Mapped[str | None] = mapped_column(String(200))
+    data_name: Mapped[str | None] = mapped_column(String(200))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

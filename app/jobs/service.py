@@ -248,6 +248,8 @@ def _record_job(
         model_format=model_up.format,
         data_blob=data_blob,
         data_format=data_up.format,
+        model_name=(model_up.filename or "")[:200] or None,
+        data_name=(data_up.filename or "")[:200] or None,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         progress=Progress().model_dump(),
