@@ -41,6 +41,12 @@ SERVICE = pytest.mark.service  # PostgreSQL and Redis (and, for two of them, a w
             ("Evaluations per second: engine", "engine / plain", "engine / onnxruntime", "Profile of one engine pass"),
             300,
         ),
+        (  # SqueezeNet at 32 px under a 15 s cap; the GPU section's code on the CPU (ResNet-50 and Inception at 224 px)
+            "bench.bench_scale",
+            ("CPU scale: certified top-10", "evaluations/s", "rounds:", "decided:", "stop reason:", "GPU section")
+            + ("bf16 matmul peak", "% of bf16 peak", "Time to a certified top-100", "load average at the end"),
+            300,
+        ),
         pytest.param(
             "bench.bench_api_load",
             ("full stack: PostgreSQL + Redis", "embedded default: SQLite", "req/s", "p50 (ms)", "p99 (ms)", "errors"),
