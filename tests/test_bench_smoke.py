@@ -41,7 +41,7 @@ SERVICE = pytest.mark.service  # PostgreSQL and Redis (and, for two of them, a w
             ("Evaluations per second: engine", "engine / plain", "engine / onnxruntime", "Profile of one engine pass"),
             300,
         ),
-        (  # SqueezeNet at 32 px under a 15 s cap; the GPU section's code on the CPU (ResNet-50 and Inception at 224 px)
+        (  # SqueezeNet at 32 px: a certified top-10 under a 15 s cap, then the GPU section's code on the CPU
             "bench.bench_scale",
             ("CPU scale: certified top-10", "evaluations/s", "rounds:", "decided:", "stop reason:", "GPU section")
             + ("bf16 matmul peak", "% of bf16 peak", "Time to a certified top-100", "load average at the end"),
