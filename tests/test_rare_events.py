@@ -95,3 +95,17 @@ def test_planted_top_players_are_never_eliminated(bound):
     # The walks did truncate (so the zeros were there to mislead), and the planted players are still in play.
     assert float((estimate.informative < estimate.samples / 4).double().mean()) > 0.9
     assert all(estimate.status[i] in ("top", "undecided") for i in PLANTED)
+
+
+@pytest.mark.parametrize("bound", ["normal", "bernstein", "bernstein_observed"])
+def test_a_player_seen_only_as_truncation_zeros_is_reported_with_an_interval_that_holds(bound):
+    """After a dozen walks most players have only the zeros of walks truncated before them: the interval a result
+    reports for them must not be the zero width their sample variance gives, which excludes a planted value."""
+    estimate = run_tmab(
+        CollapsingGame(), TMABConfig(mode="top", top_k=len(PLANTED), bound=bound, seed=3, max_iterations=12)
+    )
+    thin = (estimate.informative < TMABConfig().min_samples) & (estimate.informative < estimate.samples)
+    assert int(thin.sum()) > N // 2  # the walks did truncate before most players
+    assert bool((estimate.upper - estimate.lower)[thin].gt(0).all())
+    exact, planted = exact_values(), torch.tensor(list(PLANTED))
+    assert bool((estimate.lower[planted] <= exact[planted]).all() and (exact[planted] <= estimate.upper[planted]).all())

@@ -12,6 +12,14 @@ Neuron Shapley code lacked.
   marginals so far. Not rigorous (the range is estimated), much tighter.
 * ``normal``: the normal approximation ``z·s/√n``. Not rigorous for few
   samples, tight, and what our benchmark picked as the default.
+
+Whatever the bound, a player with fewer than ``min_informative`` informative
+samples (:mod:`.stats`) and some uninformative ones gets at least the rigorous
+``bernstein`` width: its samples may all be the zeros of walks truncated
+before reaching it, whose sample variance of 0 would give the other two a
+zero-width interval, which a rare but large marginal would lie outside of.
+Such a player is undecided anyway; this keeps the interval it is *reported*
+with honest. (Without truncation every sample is informative.)
 """
 
 from __future__ import annotations
@@ -28,8 +36,12 @@ __all__ = ["BOUNDS", "half_widths"]
 BOUNDS = ("normal", "bernstein", "bernstein_observed")
 
 
-def half_widths(stats: PlayerStats, bound: str, delta: float, value_range: float | None) -> torch.Tensor:
-    """Half-width of every player's interval; players with fewer than two samples get the full range."""
+def half_widths(
+    stats: PlayerStats, bound: str, delta: float, value_range: float | None, min_informative: int = 0
+) -> torch.Tensor:
+    """Half-width of every player's interval; players with fewer than two samples get the full range, those
+    with fewer than ``min_informative`` informative samples and some truncation zeros at least the known-range
+    Bernstein width."""
     n_players = stats.count.numel()
     delta_each = delta / n_players
     log_term = math.log(2.0 / delta_each)
@@ -41,12 +53,20 @@ def half_widths(stats: PlayerStats, bound: str, delta: float, value_range: float
         spread = (stats.high[seen].max() - stats.low[seen].min()).item() if bool(seen.any()) else float("inf")
         full = torch.full_like(n, spread)
     s2 = stats.variance
+
+    def bernstein(r: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(2.0 * s2 * log_term / n.clamp_min(1)) + 7.0 * r * log_term / (3.0 * (n - 1).clamp_min(1))
+
     if bound == "normal":
         z = NormalDist().inv_cdf(1.0 - delta_each / 2.0)
         width = z * torch.sqrt(s2 / n.clamp_min(1))
-    elif bound in ("bernstein", "bernstein_observed"):
-        r = full if bound == "bernstein" else (stats.high - stats.low).clamp_min(0.0)
-        width = torch.sqrt(2.0 * s2 * log_term / n.clamp_min(1)) + 7.0 * r * log_term / (3.0 * (n - 1).clamp_min(1))
+    elif bound == "bernstein":
+        width = bernstein(full)
+    elif bound == "bernstein_observed":
+        width = bernstein((stats.high - stats.low).clamp_min(0.0))
     else:
         raise ValueError(f"unknown bound {bound!r}")
+    if min_informative > 0 and bound != "bernstein":
+        thin = (stats.informative < min_informative) & (stats.informative < stats.count)
+        width = torch.where(thin, torch.maximum(width, bernstein(full)), width)
     return torch.where(n <= 1, full, torch.minimum(width, full))

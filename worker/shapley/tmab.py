@@ -462,7 +462,7 @@ class _Runner:
     def _bounds(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         stats = self.state.stats
         mean = stats.mean
-        width = half_widths(stats, self.cfg.bound, self.cfg.delta, self.game.value_range)
+        width = half_widths(stats, self.cfg.bound, self.cfg.delta, self.game.value_range, self.cfg.min_samples)
         return mean, mean - width, mean + width
 
     def _active(self) -> torch.Tensor:
