@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -89,3 +90,24 @@ def test_the_cli_takes_the_budget_and_refuses_with_exit_2(wide):
     assert result.returncode == 2, result.stderr
     assert "neuronshap: error: One coalition of this model" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def with_lrn_after_first_relu(source, target) -> None:
+    """The ONNX file with an LRN node after its first Relu (torch's exporter writes local_response_norm as an If)."""
+    model = onnx.load(source)
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    after, relu.output[0] = relu.output[0], relu.output[0] + "_before_lrn"
+    lrn = onnx.helper.make_node("LRN", [relu.output[0]], [after], size=5, alpha=1e-4, beta=0.75, bias=1.0)
+    model.graph.node.insert(list(model.graph.node).index(relu) + 1, lrn)
+    onnx.save(model, target)
+
+
+def test_a_node_that_makes_temporaries_counts_them(wide, tmp_path):
+    """An LRN's peak is about 4.1x its output (its output, the squares, their padded copy, the window sums and
+    the power, measured with ru_maxrss on ZFNet-512's first LRN): the estimate must cover it, not the output alone
+    (ZFNet-512's pass once measured 1.8x its estimate)."""
+    with_lrn_after_first_relu(wide[0], tmp_path / "lrn.onnx")
+    lrn = NeuronGame(load_model(tmp_path / "lrn.onnx"), wide[2], MetricSpec("accuracy"), memory_bytes=512 << 20)
+    output = 32 * 32 * 32 * 4  # the LRN's output per example
+    assert lrn.bytes_per_row >= 4.1 * output * 2.5
+    assert lrn.bytes_per_row > game(wide, 512 << 20).bytes_per_row + 3 * output

@@ -21,6 +21,7 @@ from .errors import ModelError, SpecError
 from .grouped import grouped_suffix
 from .masking import BuildTimeout, MaskedModel, Probes, build_masked_model, deadline_check, probe_batches, site_means
 from .metrics import Metric, MetricSpec
+from .onnx_import import TEMPORARIES
 from .players import Layer, find_layers, select_layers
 
 __all__ = ["NeuronGame", "Sample", "ABLATIONS", "BuildTimeout"]
@@ -275,7 +276,8 @@ def _bytes_per_row(model: torch.fx.GraphModule, probes: Probes) -> int:
     once when the graph runs in order (each from the node that makes it to its last user: a residual branch or
     DenseNet's concatenations keep several), plus the largest once more for the copy a gate makes of a layer's
     output, times 2.5 for what that count leaves out (the grouped engine's copies where groups refine, at a
-    residual Add; the frontier's copy; kernel workspaces; the allocator's slack). Measured per row, peak RSS of
+    residual Add; the frontier's copy; kernel workspaces; the allocator's slack), with the temporaries of the
+    nodes that make several (onnx_import.TEMPORARIES: LRN). Measured per row, peak RSS of
     passes at 224x224 (bench/bench_zoo.py): VGG-19 39-43 MiB against a count of 37, ResNet-50 31 MiB against
     12; the estimate before (the three largest tensors, 4x) said 147 MiB for VGG-19 and 1-4 coalitions fitted."""
     shapes, threes = probes.two.shapes, probes.three.shapes
@@ -294,7 +296,7 @@ def _bytes_per_row(model: torch.fx.GraphModule, probes: Probes) -> int:
     live = peak = 0
     for node in model.graph.nodes:
         live += size.get(node, 0)
-        peak = max(peak, live)
+        peak = max(peak, live + TEMPORARIES.get(node.target, 0) * size.get(node, 0))
         live -= sum(size.get(value, 0) for value in dying.get(node, ()))
         if node not in last_use:
             live -= size.get(node, 0)
