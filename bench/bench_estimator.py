@@ -2,9 +2,9 @@
 
 Run from the repository root::
 
-    python -m bench.bench_estimator                  # full run, ~75 min on a 2-core CPU
-    python -m bench.bench_estimator --sections a     # section (a) alone, ~60 min
-    python -m bench.bench_estimator --quick          # tiny scale (~2-3 min): checks that the script works
+    python -m bench.bench_estimator                  # full run, ~70 min on a 2-core CPU
+    python -m bench.bench_estimator --sections a     # section (a) alone, ~45-50 min (its caps bound it)
+    python -m bench.bench_estimator --quick          # tiny scale (~2-5 min, load-dependent): checks that it works
 
 Everything printed is measured in the one run; nothing is hard-coded. Two
 models are trained on scikit-learn's digits (``examples.digits.train``),
