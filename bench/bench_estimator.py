@@ -42,6 +42,16 @@ Sections
     lanes) on the digits CNN: two seeds per configuration, each run under a
     time cap and stopped early once its top-10 has stayed correct long enough.
 
+Clock
+-----
+Times in sections (a) and (d), and the peers', are CPU seconds of this
+process, with torch's threads set as the service sets them
+(``worker.threads``: one fewer than the cores, so one here). On this shared
+2-core box a neighbour's load came and went between plain's run and TMAB's,
+so wall-time ratios measured minutes apart moved with it; with one thread,
+CPU time is the work each run needed. The caps (``max_seconds``) stay wall
+time. The load average and the thread count are printed.
+
 Choices for the full run (and why)
 ----------------------------------
 * Models: ``torch.manual_seed(0)`` before building each model, so every run
@@ -112,6 +122,7 @@ import torch
 from bench.peers import APPROXIMATORS, captum_first_correct, shapiq_first_correct, shapiq_version
 from examples.digits import DigitsCNN, WideDigitsCNN, export_pt2, load_digits_split, save_eval_npz, train
 from worker.shapley import MetricSpec, NeuronGame, TMABConfig, load_data, load_model, run_tmab
+from worker.threads import apply_threads
 
 K = 10  # top-k
 TOL = 0.005  # a returned neuron is acceptable if within TOL of the reference's k-th value
@@ -358,6 +369,7 @@ class Tracker:
     """
 
     def __init__(self, reference: torch.Tensor, confirm: int | None = None) -> None:
+        self.started = time.process_time()  # made just before its run: the run's clock (docstring: 'Clock')
         self.reference = reference
         self.confirm = confirm
         self.points: list[Point] = []
@@ -366,7 +378,7 @@ class Tracker:
     def __call__(self, progress) -> None:
         e = progress.estimate
         self.points.append(
-            Point(e.iterations, e.evaluations, e.rows, e.elapsed_s, is_correct(e.values, self.reference))
+            Point(e.iterations, e.evaluations, e.rows, self.seconds(), is_correct(e.values, self.reference))
         )
         if self.confirm is not None:
             s = stable_point(self.points)
@@ -375,6 +387,10 @@ class Tracker:
 
     def should_stop(self) -> bool:
         return self._stop
+
+    def seconds(self) -> float:
+        """CPU seconds of this process since the run began."""
+        return time.process_time() - self.started
 
 
 def stable_point(points: list[Point], until_s: float | None = None) -> Point | None:
@@ -567,7 +583,7 @@ def _result(name: str, tracker: Tracker, est, stop: str, ref: torch.Tensor) -> R
         est.iterations,
         est.evaluations,
         est.rows,
-        est.elapsed_s,
+        tracker.seconds(),
         stop,
         is_correct(est.values, ref),
         est.values,
@@ -1053,6 +1069,7 @@ def main(argv: list[str] | None = None) -> None:
     kinds = [k for k in ("digits", "wide") if k in args.models.split(",")]
     scale = QUICK if args.quick else FULL
     started = time.monotonic()
+    apply_threads(None)  # the service's threads (the module docstring's 'Clock' says why)
 
     section(f"Estimator benchmark ({scale.name} scale)")
     for line in machine_lines():
