@@ -33,7 +33,7 @@ a certified top-100 on Inception v1 (7,280 channels, 224 px) under a cap
 (default 3,600 s). The engine runs float32 (the library has no bf16 path), so
 the bf16 peak is what the device could do, not what this engine is built for.
 On a CUDA device the clocks are read after ``torch.cuda.synchronize``. A
-pass's activation budget is the library's (8 GiB on a GPU) unless
+pass's activation budget is the library's (half the GPU's memory) unless
 ``--memory-gib`` sets it; the coalitions per pass it allows are printed.
 
 ``--quick`` runs both sections on SqueezeNet 1.1 at 32 px with a few examples

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--activation-memory-mb",
         type=_positive_int,
         help="activation memory one forward pass may use, in MiB (default $NEURONSHAP_ACTIVATION_MEMORY_MB, else "
-        "half the machine's memory on the CPU, 8 GiB on a GPU)",
+        "half the memory of the device: the machine's on the CPU, the GPU's own)",
     )
     est.add_argument("--limit", type=int, default=20, help="neurons to print as text (--json prints all)")
     est.add_argument(

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
         ge=1,
         description="activation memory one forward pass of a job may use (MiB); it bounds coalitions per pass, and "
         "a model that cannot fit one coalition in it fails saying how much it needs; default: half the "
-        "machine's memory on the CPU, 8 GiB on a GPU",
+        "memory of the device (the machine's on the CPU, the GPU's own)",
     )
 
     @property
