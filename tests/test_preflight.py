@@ -223,3 +223,20 @@ def test_the_check_server_outlives_a_check_that_crashes(tiny_cnn, tmp_path):
     first = server._process
     answer, _ = server.check(request, memory_bytes=4 << 30, timeout_s=120)
     assert answer is not None and answer["ok"] and server._process is first  # one server, one fork per check
+
+
+def test_a_dead_servers_reader_wakes_only_the_checks_sent_to_it():
+    """When a server's output ends, the checks it had are answered 'no answer' at once; a check sent meanwhile to
+    the server started after it died must keep waiting for that one (it was woken too, and accepted unchecked)."""
+    import threading
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from worker.preflight import _Server
+
+    server = _Server()
+    dead, replacement = SimpleNamespace(stdout=io.StringIO("")), SimpleNamespace(stdout=io.StringIO(""))
+    its_check, next_servers_check = threading.Event(), threading.Event()
+    server._waiting = cast(Any, {"a": (its_check, [], dead), "b": (next_servers_check, [], replacement)})
+    server._answers(cast(Any, dead))
+    assert its_check.is_set() and not next_servers_check.is_set()

@@ -100,16 +100,17 @@ class _Server:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._process: subprocess.Popen[str] | None = None
-        self._waiting: dict[str, tuple[threading.Event, list[dict]]] = {}
+        # Each pending check: its event, the box its answer goes in, and the server it was sent to.
+        self._waiting: dict[str, tuple[threading.Event, list[dict], subprocess.Popen[str]]] = {}
 
     def check(self, request: dict, memory_bytes: int, timeout_s: float) -> tuple[dict | None, str]:
         """The check's answer and, when there is none, what happened instead (for the log)."""
         ident = uuid.uuid4().hex
         done, box = threading.Event(), list[dict]()
-        self._waiting[ident] = (done, box)
         try:
             with self._lock:
                 process = self._running()
+                self._waiting[ident] = (done, box, process)
                 assert process.stdin is not None
                 line = {**request, "id": ident, "memory_bytes": memory_bytes, "timeout_s": timeout_s}
                 process.stdin.write(json.dumps(line) + "\n")
@@ -148,8 +149,11 @@ class _Server:
             if waiter is not None:
                 waiter[1].append(answer)
                 waiter[0].set()
-        for done, _ in list(self._waiting.values()):  # the server is gone: nobody waits out the timeout for it
-            done.set()
+        # This server is gone: none of its checks waits out the timeout for it. Only its own: a check sent to the
+        # server started after it died must wait for that one's answer.
+        for done, _, owner in list(self._waiting.values()):
+            if owner is process:
+                done.set()
 
 
 _SERVER = _Server()
