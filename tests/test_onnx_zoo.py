@@ -95,3 +95,19 @@ def test_fully_convolutional_models_take_other_image_sizes():
     gm = load_model(ZOO / "light_squeezenet.onnx")
     with torch.no_grad():
         assert gm(torch.randn(2, 3, 96, 96)).shape == (2, 1000)
+
+
+def test_images_smaller_than_the_graph_allows_are_refused_with_the_size_it_takes(tmp_path):
+    """SqueezeNet's pooling collapses a 16x16 image to nothing: the error says so, where, and the size to use,
+    rather than torch's 'Output size is too small' and advice about the batch dimension."""
+    from worker.shapley import MetricSpec, NeuronGame
+    from worker.shapley.data import EvalData
+    from worker.shapley.errors import DataError
+
+    model = load_model(randomized("squeezenet", tmp_path / "squeezenet.onnx"))
+    data = EvalData(torch.rand(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(DataError) as refused:
+        NeuronGame(model, data, MetricSpec("accuracy"))
+    message = str(refused.value)
+    assert "16x16" in message and "at node" in message and "is 32x32" in message and "resize" in message
+    assert "dynamic batch" not in message

@@ -341,6 +341,7 @@ class _Recorder(torch.fx.Interpreter):
         self.shapes: dict[torch.fx.Node, torch.Size | None] = {}
         self.values: dict[torch.fx.Node, torch.Tensor] = {}
         self.result: Any = None
+        self.current: torch.fx.Node | None = None  # the node running (after a failure: the one that failed)
 
     def run(self, *args, **kwargs):
         self.result = super().run(*args, **kwargs)
@@ -349,6 +350,7 @@ class _Recorder(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node):
         if self.check is not None:
             self.check()
+        self.current = n
         result = super().run_node(n)
         self.shapes[n] = result.shape if isinstance(result, torch.Tensor) else None
         if n in self.keep:
@@ -375,15 +377,55 @@ def probe(gm: torch.fx.GraphModule, x: torch.Tensor, check: Callable[[], None] |
     except UserInputError:  # the model says what it needs itself (onnx_import's checks of a fixed input size)
         raise
     except Exception as exc:  # the model's own error says what it expected
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        where = _where(recorder)
+        larger = _smallest_larger_size(gm, x, check) if x.ndim == 4 else None
+        if larger is not None:
+            raise DataError(
+                f"The model fails on images of {x.shape[2]}x{x.shape[3]}{where} ({error}): they are smaller than "
+                f"this graph's pooling windows and strides allow. The smallest square size it takes (of "
+                f"{', '.join(map(str, _SIZES))}) is {larger}x{larger}: resize the images in the data's `inputs` to "
+                "at least that, or to the size the model was trained at."
+            ) from exc
         raise DataError(
-            f"The model failed on a batch of {x.shape[0]} inputs of shape {tuple(x.shape[1:])} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"The model failed on a batch of {x.shape[0]} inputs of shape {tuple(x.shape[1:])}{where} ({error}). "
             "Make the data's `inputs` the shape the model expects, examples along the first dimension, "
             "and export the model with a dynamic batch dimension "
             "(torch.export: dynamic_shapes={'x': {0: torch.export.Dim('batch')}}; "
             "torch.onnx.export: dynamic_axes={'input': {0: 'batch'}})."
         ) from exc
     return recorder
+
+
+# Square image sizes tried when a model fails on small images: the common sizes networks are trained at.
+_SIZES = (32, 64, 96, 112, 128, 160, 192, 224, 256, 299, 320, 384, 512)
+
+
+def _where(recorder: _Recorder) -> str:
+    """`` at layer L (node n)`` for the node a run failed in, or nothing when it failed before any."""
+    n = recorder.current
+    if n is None:
+        return ""
+    layer = n.meta.get("layer")
+    return f" at layer {layer} (node {n.name})" if layer else f" at node {n.name}"
+
+
+def _smallest_larger_size(gm: torch.fx.GraphModule, x: torch.Tensor, check: Callable[[], None] | None) -> int | None:
+    """The smallest of :data:`_SIZES` above ``x``'s spatial size, up to four times it, at which the model runs on
+    two images of ``x``'s channels, or None (then the failure was probably not the images' size). Only on the
+    error path, and bounded: a graph that fails for another reason (a batch fixed deep inside) is run at a few
+    sizes, none much larger than the data's."""
+    current = max(x.shape[2], x.shape[3])
+    for size in (s for s in _SIZES if current < s <= max(64, 4 * current)):
+        try:
+            with torch.inference_mode():
+                _Recorder(gm, check=check).run(torch.zeros(2, x.shape[1], size, size, dtype=x.dtype))
+            return size
+        except BuildTimeout:
+            raise
+        except Exception:  # not yet large enough, or another problem
+            continue
+    return None
 
 
 def _batched_nodes(gm: torch.fx.GraphModule, probes: Probes) -> set[torch.fx.Node]:
