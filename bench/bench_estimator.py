@@ -645,10 +645,10 @@ def time_to_correct(model: Model, scale: Scale, ref: Reference) -> dict:
             "method",
             "perms to stable-correct",
             "rows then",
-            "time then (s)",
+            "CPU s then",
             "perms at stop",
             "rows at stop",
-            "time at stop (s)",
+            "CPU s at stop",
             "stop",
             "top-10 at stop correct",
             "weakest pick",
@@ -696,7 +696,7 @@ def _certified_lines(model: Model, plain: RunResult, by_seed: dict[int, RunResul
             ]
         )
         met.append(not ub and plain_s / r.seconds >= target and plain_rows / r.rows >= target)
-    table(["ratio", "wall time", "forward rows"], lines)
+    table(["ratio", "CPU time", "forward rows"], lines)
     wrong = [str(seed) for seed, r in by_seed.items() if r.stop == "converged" and not r.final_correct]
     capped = [str(seed) for seed, r in by_seed.items() if r.stop != "converged"]
     all_ok = not wrong and not capped
@@ -749,7 +749,7 @@ def _stable_lines(model: Model, scale: Scale, plain: RunResult, runs: list[RunRe
                 ratio(per_perm_rows * ts.iterations, ts.rows),
             ]
         )
-    table(["ratio (stable-correct, as before)", "wall time", "forward rows"], lines)
+    table(["ratio (stable-correct, as before)", "CPU time", "forward rows"], lines)
     if lb:
         out(f"plain did not get there within its {scale.plain_seconds[model.kind]:.0f} s cap: '>' marks lower bounds")
 
@@ -805,8 +805,8 @@ def peers(model: Model, scale: Scale, ref: torch.Tensor, plain: RunResult, tmab:
             "method",
             "evaluations (budget) at first correct",
             "perms",
-            "that run (s)",
-            "cumulative (s)",
+            "that run (CPU s)",
+            "cumulative (CPU s)",
             "peer / TMAB time",
             "budgets tried (run s) / note",
         ],
