@@ -22,6 +22,11 @@ from tests.harness.stacks import ROOT, serve
 pytestmark = pytest.mark.service  # a served API: `neuronshap serve` as a process
 
 
+# A submission runs the submission check (a forked torch process: seconds, more on a loaded box; its own limit is
+# NEURONSHAP_PREFLIGHT_TIMEOUT_S, 60 s), so it gets the project client's timeout, not httpx's 5 s.
+SUBMIT_S = 60.0
+
+
 def neuronshap(*args: str, url: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "neuronshap", *args, "--url", url], cwd=ROOT, capture_output=True, text=True, timeout=300
@@ -82,7 +87,7 @@ def test_stopping_the_service_mid_job_resumes_it_to_the_uninterrupted_result(tmp
     }
     env = {"NEURONSHAP_CHECKPOINT_INTERVAL_S": "0.2", "NEURONSHAP_PUBLISH_INTERVAL_S": "0.1"}
     with serve(tmp_path, **env) as url:
-        job = httpx.post(f"{url}/v1/jobs", files=files, data={"spec": json.dumps(spec)}).json()
+        job = httpx.post(f"{url}/v1/jobs", files=files, data={"spec": json.dumps(spec)}, timeout=SUBMIT_S).json()
         for _ in range(600):
             progress = httpx.get(f"{url}/v1/jobs/{job['id']}").json()["progress"]
             if progress["iterations"] >= 100:
@@ -98,7 +103,7 @@ def test_stopping_the_service_mid_job_resumes_it_to_the_uninterrupted_result(tmp
             time.sleep(0.1)
         assert resumed["state"] == "succeeded" and resumed["progress"]["iterations"] == 800
         assert resumed["summary"]["resumed_from_iteration"] >= 50  # it went on from a checkpoint, not from zero
-        fresh = httpx.post(f"{url}/v1/jobs", files=files, data={"spec": json.dumps(spec)}).json()
+        fresh = httpx.post(f"{url}/v1/jobs", files=files, data={"spec": json.dumps(spec)}, timeout=SUBMIT_S).json()
         for _ in range(1200):
             if httpx.get(f"{url}/v1/jobs/{fresh['id']}").json()["state"] == "succeeded":
                 break
