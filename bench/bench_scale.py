@@ -104,13 +104,13 @@ QUICK = Scale(
     "quick",
     cpu_size=32,
     cpu_examples=16,
-    cap_s=15.0,
+    cap_s=6.0,
     rate_networks=(("squeezenet", 32),),
     top100_network=("squeezenet", 32),
     gpu_examples=2,
     passes=2,
     top100_examples=2,
-    top100_cap_s=10.0,
+    top100_cap_s=4.0,
     peak_size=512,
     cpu_peak_size=512,
     progress_s=3.0,
@@ -439,8 +439,8 @@ def gpu_section(scale: Scale, device: torch.device, folder: Path, memory_bytes: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="both sections at a tiny scale (on the CPU if no GPU)")
-    parser.add_argument("--cap-s", type=float, help="the CPU section's wall-clock cap (default 900; quick 15)")
-    parser.add_argument("--top100-cap-s", type=float, help="the top-100 run's cap (default 3600; quick 10)")
+    parser.add_argument("--cap-s", type=float, help="the CPU section's wall-clock cap (default 900; quick 6)")
+    parser.add_argument("--top100-cap-s", type=float, help="the top-100 run's cap (default 3600; quick 4)")
     parser.add_argument("--device", help="the GPU section's device (default: cuda if available, else skipped)")
     parser.add_argument("--sections", default="cpu,gpu", help="comma-separated, of: cpu, gpu (default both)")
     parser.add_argument(
