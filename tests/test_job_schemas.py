@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import get_args
 
 import pytest
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 from app.jobs.models import JobNeuron
 from app.jobs.schemas import Neuron
 from app.jobs.spec import Ablation, Bound, EstimatorSpec, JobSpec, MetricName, Mode
-from worker.shapley import ABLATIONS, METRICS, MODES, SpecError, TMABConfig, ranked_neurons, run_tmab
+from worker.shapley import ABLATIONS, METRICS, MODES, NeuronGame, SpecError, TMABConfig, ranked_neurons, run_tmab
 from worker.shapley.bounds import BOUNDS
 from worker.translate import tmab_config
 
@@ -29,6 +30,7 @@ def test_estimator_defaults_match_the_library():
     for name, value in EstimatorSpec().model_dump().items():
         if name not in ("batch_size", "top_k"):  # batch_size is the game's; top_k: below
             assert library[name] == value, name
+    assert EstimatorSpec().batch_size == inspect.signature(NeuronGame).parameters["batch_size"].default
     # An unset top_k is the library's default wherever the game is large enough for it.
     assert tmab_config(EstimatorSpec(), 1000) == TMABConfig()
 

@@ -113,7 +113,7 @@ class EstimatorSpec(_Strict):
         "of |V(all) − V(∅)| of V(∅); 0: no truncation",
     )
     patience: int = Field(5, ge=1, description="evaluated steps within the truncation band before a walk stops")
-    batch_size: int = Field(64, ge=1, description="evaluation examples per walk")
+    batch_size: int = Field(32, ge=1, description="evaluation examples per walk")
     seed: int = Field(0, description="the whole run is a function of it")
     max_iterations: int | None = Field(None, ge=1, description="budget: permutations")
     max_evaluations: int | None = Field(None, ge=1, description="budget: coalition evaluations")
