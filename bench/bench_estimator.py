@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python -m bench.bench_estimator                  # full run, ~80-100 min on a 2-core CPU
-    python -m bench.bench_estimator --sections a     # section (a) alone, ~60-90 min (its caps bound it)
+    python -m bench.bench_estimator --sections a     # section (a) alone: 21 min on a quiet box, up to ~90 under load
     python -m bench.bench_estimator --quick          # tiny scale (~2-5 min, load-dependent): checks that it works
 
 Everything printed is measured in the one run; nothing is hard-coded. Two
