@@ -28,7 +28,7 @@ def test_names_match_the_library():
 def test_estimator_defaults_match_the_library():
     library = {f.name: f.default for f in dataclasses.fields(TMABConfig)}
     for name, value in EstimatorSpec().model_dump().items():
-        if name not in ("batch_size", "top_k"):  # batch_size is the game's; top_k: below
+        if name not in ("batch_size", "top_k"):  # batch_size is the game's, top_k the spec's: both below
             assert library[name] == value, name
     assert EstimatorSpec().batch_size == inspect.signature(NeuronGame).parameters["batch_size"].default
     # An unset top_k is the library's default wherever the game is large enough for it.

@@ -53,7 +53,7 @@ class NeuronGame:
         ablation: ``"zero"`` or ``"mean"`` (the channel's mean activation on the intact model).
         batch_size: examples per evaluation batch; the whole set when it is smaller. The default is small on
             purpose: a marginal's variance comes mostly from the permutation, not from the batch, so smaller
-            batches buy more samples per second (``bench/results/estimator_a.txt``).
+            batches buy more samples per second (``bench/results/batch_size.txt``).
         device: where to run; the GPU when there is one.
         cache_prefix: run the part of the model before the first mask once per batch.
         memory_bytes: activation memory one forward pass may use; bounds coalitions per pass.
