@@ -95,14 +95,19 @@ class EstimatorSpec(_Strict):
         f"{DEFAULT_TOP_K}, or one less than the number of neurons "
         "when the layers have no more",
     )
-    delta: float = Field(0.05, gt=0, lt=1, description="error level of all intervals together (union bound)")
+    delta: float = Field(
+        0.05, gt=0, lt=1, description="error level of all intervals together (union bound), at every round"
+    )
     epsilon: float = Field(
-        0.005, ge=0, description="near-tie tolerance: a neuron within epsilon of the top-k threshold counts as decided"
+        0.005,
+        ge=0,
+        description="tolerance of the certified top-k: at a converged stop every chosen neuron is within epsilon "
+        "of the true k-th value",
     )
     half_width: float = Field(0.01, gt=0, description="target interval half-width for mode `all`")
     bound: Bound = Field(
         "normal",
-        description="the confidence interval: `normal` (z·s/√n), `bernstein` "
+        description="the confidence sequence: `normal` (normal mixture), `bernstein` "
         "(rigorous, known range), `bernstein_observed` (observed range)",
     )
     truncation: float = Field(
@@ -113,7 +118,7 @@ class EstimatorSpec(_Strict):
         "of |V(all) − V(∅)| of V(∅); 0: no truncation",
     )
     patience: int = Field(5, ge=1, description="evaluated steps within the truncation band before a walk stops")
-    batch_size: int = Field(32, ge=1, description="evaluation examples per walk")
+    batch_size: int = Field(16, ge=1, description="evaluation examples per walk")
     seed: int = Field(0, description="the whole run is a function of it")
     max_iterations: int | None = Field(None, ge=1, description="budget: permutations")
     max_evaluations: int | None = Field(None, ge=1, description="budget: coalition evaluations")

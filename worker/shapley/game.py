@@ -53,7 +53,8 @@ class NeuronGame:
         ablation: ``"zero"`` or ``"mean"`` (the channel's mean activation on the intact model).
         batch_size: examples per evaluation batch; the whole set when it is smaller. The default is small on
             purpose: a marginal's variance comes mostly from the permutation, not from the batch, so smaller
-            batches buy more samples per second (``bench/results/batch_size.txt``).
+            batches buy more samples per second (``bench/results/batch_size.txt``; 16 rather than 32 since the
+            certificate got honest and needs more samples, ``bench/results/certificate.txt``).
         device: where to run; the GPU when there is one.
         cache_prefix: run the part of the model before the first mask once per batch.
         memory_bytes: activation memory one forward pass may use; bounds coalitions per pass.
@@ -71,7 +72,7 @@ class NeuronGame:
         metric: MetricSpec,
         layers: list[str] | None = None,
         ablation: str = "zero",
-        batch_size: int = 32,
+        batch_size: int = 16,
         device: str | torch.device | None = None,
         cache_prefix: bool = True,
         memory_bytes: int | None = None,
