@@ -124,6 +124,22 @@ def test_bandit_finds_top_and_bottom_players_and_stops(mode):
     assert est.samples.min() < est.samples.max() / 3
 
 
+def test_star_rounds_take_over_once_few_players_are_active_and_stay_exact():
+    """Once a walk would cost more than 1 + A evaluations per lane, rounds sample star coalitions (each active player
+    flipped in one random coalition); their samples are exact Shapley samples, so a non-additive game's exact
+    values stay inside the intervals and the top 3 come out right."""
+    w = torch.rand(12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    f = lambda m: (m.double() @ w) ** 2 / float(w.sum()) ** 2  # noqa: E731 - marginals depend on the coalition
+    exact = exact_shapley(f, 12)
+    for seed in range(3):
+        est = run_tmab(FunctionGame(12, f), TMABConfig(mode="top", top_k=3, truncation=0.0, seed=seed))
+        assert est.stop_reason == "converged"
+        assert est.walks == 12 < est.iterations  # three rounds of walks (min_samples), then stars
+        assert ((est.lower <= exact) & (exact <= est.upper)).all()
+        assert {i for i, s in enumerate(est.status) if s == "top"} == set(torch.topk(exact, 3).indices.tolist())
+        assert est.v_full == pytest.approx(1.0) and est.v_empty == 0.0  # averaged over the walks alone
+
+
 def test_all_mode_reaches_target_half_width():
     game = NoisyAdditiveGame(torch.linspace(0, 1, 10), noise=0.2)
     est = run_tmab(game, TMABConfig(mode="all", half_width=0.05, max_iterations=20000))

@@ -120,7 +120,7 @@ class EstimatorSpec(_Strict):
     patience: int = Field(5, ge=1, description="evaluated steps within the truncation band before a walk stops")
     batch_size: int = Field(16, ge=1, description="evaluation examples per walk")
     seed: int = Field(0, description="the whole run is a function of it")
-    max_iterations: int | None = Field(None, ge=1, description="budget: permutations")
+    max_iterations: int | None = Field(None, ge=1, description="budget: permutations walked and star coalitions")
     max_evaluations: int | None = Field(None, ge=1, description="budget: coalition evaluations")
     max_seconds: float | None = Field(None, gt=0, description="budget: seconds of estimation")
 

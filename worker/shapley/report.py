@@ -41,6 +41,7 @@ def run_summary(game: NeuronGame, estimate: Estimate) -> dict:
         "players": game.n_players,
         "undecided": estimate.status.count("undecided"),
         "iterations": estimate.iterations,
+        "walks": estimate.walks,
         "evaluations": estimate.evaluations,
         "forward_rows": estimate.rows,
         "elapsed_s": estimate.elapsed_s,

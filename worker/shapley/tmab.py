@@ -36,6 +36,10 @@ __all__ = ["Game", "TMABConfig", "Progress", "PassProgress", "Estimate", "run_tm
 
 MODES = ("top", "bottom", "all")
 _CHECKPOINT_VERSION = 1
+# A round is a star round (:class:`_Star`) once its 1 + A evaluations per lane are at most this share of what a
+# walk cost in the last walk round: stars give up each walk's efficiency (its marginals sum to V(all) − V(∅)) and
+# its free truncation zeros, so they must save a fifth of the evaluations to be worth it.
+STAR_SHARE = 0.8
 
 
 class Game(Protocol):
@@ -150,7 +154,8 @@ class Estimate:
     samples: torch.Tensor  # int64 [n]
     informative: torch.Tensor  # int64 [n]: samples from walks that reached the player before truncating
     status: list[str]  # top | bottom | out | decided | undecided
-    iterations: int
+    iterations: int  # lanes sampled: permutations walked plus star coalitions (:class:`_Star`)
+    walks: int  # of those, permutations walked
     evaluations: int
     rows: int  # coalitions × examples run through the model: the forward work
     elapsed_s: float
@@ -205,6 +210,8 @@ class _State:
     elapsed_s: float = 0.0
     v_full_sum: float = 0.0
     v_empty_sum: float = 0.0
+    ends: int = 0  # walks that valued V(all) and V(∅) (star rounds do not)
+    walk_cost: float | None = None  # evaluations per walk in the last walk round, its ends included
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -216,6 +223,7 @@ class _State:
                 "rng": self.rng,
                 "counters": [self.iterations, self.evaluations, self.rows],
                 "sums": [self.elapsed_s, self.v_full_sum, self.v_empty_sum],
+                "walks": [self.ends, self.walk_cost],
             },
             buf,
         )
@@ -229,6 +237,7 @@ class _State:
                 raise ValueError(f"version {raw.get('version')}")
             iterations, evaluations, rows = raw["counters"]
             elapsed, v_full_sum, v_empty_sum = raw["sums"]
+            ends, walk_cost = raw.get("walks", [iterations, None])  # older checkpoints: walks only
             return cls(
                 TMABConfig(**raw["config"]),
                 PlayerStats.from_state(raw["stats"]),
@@ -239,6 +248,8 @@ class _State:
                 elapsed,
                 v_full_sum,
                 v_empty_sum,
+                ends,
+                walk_cost,
             )
         except Exception as exc:
             raise SpecError(
@@ -372,18 +383,21 @@ class _Runner:
         if cfg.max_seconds is not None and self.sample_s is not None and self._time_left() < self.sample_s:
             self._time_up = True  # drawing the round's batches alone would end past the deadline
             return False
-        perms = torch.stack([torch.randperm(n, generator=self.generator) for _ in range(lanes)])
+        undecided = int(active.sum())
+        walk_cost = self.state.walk_cost  # None until a walk round has been measured: the first rounds walk
+        star = walk_cost is not None and 1 + undecided <= STAR_SHARE * walk_cost
+        walks: list[_Walk | _Star]
+        if star:
+            walks = [_Star(self.generator, active) for _ in range(lanes)]
+        else:
+            walks = [_Walk(torch.randperm(n, generator=self.generator), active, cfg) for _ in range(lanes)]
         t = time.monotonic()
         sample = self.game.sample(self.generator, lanes)
         self.sample_s = time.monotonic() - t
-        rank = torch.empty_like(perms)
-        rank.scatter_(1, perms, torch.arange(n).expand(lanes, n))
-        walks = [_Walk(perms[lane], active, cfg) for lane in range(lanes)]
-        undecided = int(active.sum())
 
-        # The first pass also values the full and the empty coalition of every lane.
+        # A walk round's first pass also values the full and the empty coalition of every lane.
         ends = torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)]).repeat(lanes, 1)
-        pending_ends = True
+        pending_ends = not star
         evaluations = rows = 0
         while pending_ends or any(not w.done for w in walks):
             if self._out_of_time():
@@ -414,7 +428,7 @@ class _Runner:
                     continue
                 steps = walks[lane].next_steps(count)
                 steps_taken.append((lane, steps))
-                masks.append(rank[lane].unsqueeze(0) >= steps.unsqueeze(1))
+                masks.append(walks[lane].masks(steps))
                 lane_ids.append(torch.full((len(steps),), lane))
             masks_t, lane_t = torch.cat(masks), torch.cat(lane_ids)
             t = time.monotonic()
@@ -426,6 +440,7 @@ class _Runner:
             at = 0
             if pending_ends:
                 for lane, w in enumerate(walks):
+                    assert isinstance(w, _Walk)
                     w.set_ends(float(values[2 * lane]), float(values[2 * lane + 1]))
                 at, pending_ends = 2 * lanes, False
             for lane, steps in steps_taken:
@@ -451,8 +466,12 @@ class _Runner:
         for w in walks:
             players, marginals, reached = w.marginals()
             st.stats.add(players, marginals, reached)
-            st.v_full_sum += w.v_full
-            st.v_empty_sum += w.v_empty
+            if isinstance(w, _Walk):
+                st.v_full_sum += w.v_full
+                st.v_empty_sum += w.v_empty
+        if not star:
+            st.ends += lanes
+            st.walk_cost = evaluations / lanes
         st.iterations += lanes
         st.evaluations += evaluations
         st.rows += rows
@@ -493,11 +512,12 @@ class _Runner:
             informative=st.stats.informative.clone(),
             status=status,
             iterations=its,
+            walks=st.ends,
             evaluations=st.evaluations,
             rows=st.rows,
             elapsed_s=elapsed,
-            v_full=st.v_full_sum / its if its else None,
-            v_empty=st.v_empty_sum / its if its else None,
+            v_full=st.v_full_sum / st.ends if st.ends else None,
+            v_empty=st.v_empty_sum / st.ends if st.ends else None,
             stop_reason=reason,
             config=cfg,
             setup_s=self.setup_s,
@@ -549,6 +569,8 @@ class _Walk:
     def __init__(self, perm: torch.Tensor, active: torch.Tensor, cfg: TMABConfig) -> None:
         n = perm.numel()
         self.perm, self.cfg, self.n = perm, cfg, n
+        self.rank = torch.empty_like(perm)
+        self.rank[perm] = torch.arange(n)
         self.positions = torch.nonzero(active[perm]).squeeze(1) + 1  # steps that remove an active player
         needed = torch.unique(torch.cat([self.positions - 1, self.positions]))
         self.needed = needed[(needed > 0) & (needed < n)]
@@ -566,6 +588,10 @@ class _Walk:
         steps = self.needed[self.next : self.next + count]
         self.next += len(steps)
         return steps
+
+    def masks(self, steps: torch.Tensor) -> torch.Tensor:
+        """The coalitions of ``steps``: step j keeps the players after the first j of the permutation."""
+        return self.rank.unsqueeze(0) >= steps.unsqueeze(1)
 
     def set_ends(self, v_full: float, v_empty: float) -> None:
         self.v_full, self.v_empty = v_full, v_empty
@@ -590,3 +616,51 @@ class _Walk:
         marg = self.values[pos - 1] - self.values[pos]
         reached = torch.ones_like(pos, dtype=torch.bool) if self.truncated_at is None else pos <= self.truncated_at
         return self.perm[pos - 1], torch.where(reached, marg, torch.zeros_like(marg)), reached
+
+
+class _Star:
+    """One random coalition T and, for every active player j, T with j flipped: a sample of each from 1 + A
+    evaluations.
+
+    T's size is uniform on 0…n and T is uniform given its size. For a player j, the coalition before it (T ∖ j
+    if j ∈ T, else T) then has a size uniform on 0…n−1 and is uniform given its size, which is the Shapley
+    distribution: ``V(T) − V(T ∖ j)`` (j ∈ T) or ``V(T ∪ j) − V(T)`` is an exact, untruncated sample of j's
+    marginal, as a permutation's is. A walk pays two evaluations per sample once its active players are
+    sparse (V(S ∪ i) and V(S), shared with nothing) and, counting only evaluated steps, seldom truncates then;
+    the star pays one, plus T's own.
+    """
+
+    def __init__(self, generator: torch.Generator, active: torch.Tensor) -> None:
+        n = active.numel()
+        size = int(torch.randint(0, n + 1, (1,), generator=generator))
+        self.coalition = torch.zeros(n, dtype=torch.bool)
+        self.coalition[torch.randperm(n, generator=generator)[:size]] = True
+        self.players = torch.nonzero(active).squeeze(1)
+        self.values = torch.full((len(self.players) + 1,), float("nan"), dtype=torch.float64)
+        self.next = 0
+
+    @property
+    def done(self) -> bool:
+        return self.next > len(self.players)
+
+    def next_steps(self, count: int) -> torch.Tensor:
+        """Step 0 is T itself; step k flips the k-th active player."""
+        steps = torch.arange(self.next, min(self.next + count, len(self.players) + 1))
+        self.next += len(steps)
+        return steps
+
+    def masks(self, steps: torch.Tensor) -> torch.Tensor:
+        masks = self.coalition.expand(len(steps), -1).clone()
+        flip = steps > 0
+        rows, players = torch.nonzero(flip).squeeze(1), self.players[steps[flip] - 1]
+        masks[rows, players] = ~masks[rows, players]
+        return masks
+
+    def record(self, steps: torch.Tensor, values: torch.Tensor) -> None:
+        self.values[steps] = values.to(torch.float64)
+
+    def marginals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(players, marginal contributions, reached): every sample is measured."""
+        flipped, base = self.values[1:], self.values[0]
+        marg = torch.where(self.coalition[self.players], base - flipped, flipped - base)
+        return self.players, marg, torch.ones_like(self.players, dtype=torch.bool)
