@@ -369,12 +369,18 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _samples(summary: dict) -> str:
+    """Iterations, and how many were permutations walked (the rest star coalitions; older results lack it)."""
+    walks = summary.get("walks")
+    return f"{summary['iterations']} iterations" + (f" ({walks} walks)" if walks is not None else "")
+
+
 def stop_line(summary: dict) -> str:
     """One line on why and where the run stopped, and what its values rest on."""
     ev = summary["evidence"]
     return (
         f"neuronshap: stopped: {summary['stop_reason']} after {summary['elapsed_s']:.1f}s "
-        f"({summary['setup_s']:.1f}s loading and building); {summary['iterations']} permutations, "
+        f"({summary['setup_s']:.1f}s loading and building); {_samples(summary)}, "
         f"{summary['evaluations']} evaluations; {summary['undecided']}/{summary['players']} undecided; "
         f"informative samples per neuron: min {ev['informative_min']}, median {ev['informative_median']}, "
         f"{ev['players_without_information']} neurons with none"
@@ -482,7 +488,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if kind == "progress" and time.monotonic() - shown >= 5.0:
             shown = time.monotonic()
             print(
-                f"  {data['iterations']} permutations, {data['evaluations']} evaluations, "
+                f"  {data['iterations']} iterations, {data['evaluations']} evaluations, "
                 f"{data['players'] - data['undecided']}/{data['players']} decided, {data['elapsed_s']:.1f}s",
                 file=sys.stderr,
             )
@@ -616,7 +622,7 @@ class ProgressBar:
         eta = _eta(config, elapsed_s, iterations, evaluations)
         line = (
             f"[{'#' * filled}{'.' * (self.width - filled)}] {decided}/{self.players} decided | "
-            f"{iterations} permutations | {evaluations} evaluations | {elapsed_s:.1f}s"
+            f"{iterations} iterations | {evaluations} evaluations | {elapsed_s:.1f}s"
             + (f" | eta {eta:.0f}s" if eta is not None else "")
         )
         self.stream.write(f"\r{line}\033[K" if self.tty else line + "\n")
@@ -642,7 +648,7 @@ def print_table(neurons: list[dict], summary: dict, limit: int, bottom_first: bo
     print(
         f"metric {game['metric']['name']}: V(all) = {_fmt(summary['v_full'])}, V(none) = {_fmt(summary['v_empty'])}; "
         f"{summary['players']} neurons, {summary['undecided']} undecided; "
-        f"{summary['iterations']} permutations, {summary['evaluations']} evaluations, "
+        f"{_samples(summary)}, {summary['evaluations']} evaluations, "
         f"{summary['elapsed_s']:.1f}s; stopped: {summary['stop_reason']}; "
         f"bound {summary['estimator']['bound']}, ablation {game['ablation']}"
     )

@@ -327,10 +327,14 @@ class _Runner:
             reason = self._budget_reached(active)
             if reason:
                 return self._estimate(reason)
-            lanes = self.cfg.lanes
+            undecided = int(active.sum())
+            star = self._star_round(undecided)
+            # A star round fills its passes with lanes: its 1 + A coalitions per lane are few, and a pass's fixed
+            # cost (the interpreter, finding groups) is a third of the endgame's time at 4 lanes.
+            lanes = max(self.cfg.lanes, self.per_pass // (1 + undecided)) if star else self.cfg.lanes
             if self.cfg.max_iterations is not None:
                 lanes = min(lanes, self.cfg.max_iterations - self.state.iterations)
-            if not self._round(lanes, active):
+            if not self._round(lanes, active, star):
                 return self._estimate("max_seconds" if self._time_up else "stopped")
             active = self._active()
             if self.on_progress is not None:
@@ -376,16 +380,21 @@ class _Runner:
             return int(left / (per_row * self.game.rows_per_coalition))
         return int(left / self.coalition_s)
 
-    def _round(self, lanes: int, active: torch.Tensor) -> bool:
-        """Walk ``lanes`` permutations; commit their marginals, or return False if interrupted."""
+    def _star_round(self, undecided: int) -> bool:
+        """Whether the next round samples stars: once 1 + A evaluations per lane are at most ``STAR_SHARE`` of what
+        a walk cost in the last walk round (none measured yet: walk)."""
+        walk_cost = self.state.walk_cost
+        return walk_cost is not None and 1 + undecided <= STAR_SHARE * walk_cost
+
+    def _round(self, lanes: int, active: torch.Tensor, star: bool) -> bool:
+        """Walk ``lanes`` permutations, or value ``lanes`` stars; commit their marginals, or return False if
+        interrupted."""
         n, cfg = self.game.n_players, self.cfg
         self._time_up = False
         if cfg.max_seconds is not None and self.sample_s is not None and self._time_left() < self.sample_s:
             self._time_up = True  # drawing the round's batches alone would end past the deadline
             return False
         undecided = int(active.sum())
-        walk_cost = self.state.walk_cost  # None until a walk round has been measured: the first rounds walk
-        star = walk_cost is not None and 1 + undecided <= STAR_SHARE * walk_cost
         walks: list[_Walk | _Star]
         if star:
             walks = [_Star(self.generator, active) for _ in range(lanes)]
