@@ -19,22 +19,29 @@ from worker.shapley.bounds import UNION_CONSTANT, half_widths, union_weight
 from worker.shapley.stats import PlayerStats
 from worker.shapley.tmab import undecided
 
+RUNS, PLAYERS, SAMPLES, DELTA = 400, 25, 600, 0.2
+TRUE_MEAN = -0.2 + 0.3
 
-def _running_stats(samples: torch.Tensor, first: int):
-    """Each row's statistics after its first n samples, for every n from ``first`` on (every sample informative)."""
+
+def _three_point_runs() -> torch.Tensor:
+    """RUNS × PLAYERS sequences of SAMPLES marginals of a [0, 1] metric (which lie in [-1, 1]): a three-point law,
+    mean 0.1, like accuracy flips."""
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.multinomial(torch.tensor([0.2, 0.5, 0.3]), RUNS * PLAYERS * SAMPLES, True, generator=generator)
+    return (draws.to(torch.float64) - 1.0).reshape(RUNS * PLAYERS, SAMPLES)
+
+
+def _runs_failed(samples: torch.Tensor, width, first: int) -> torch.Tensor:
+    """Per run: did any of its players' intervals, ``width(n, stats)`` either side of the mean, exclude the true
+    mean at any sample count from ``first`` on?"""
     total, total_sq = samples.cumsum(1), (samples * samples).cumsum(1)
     low, high = samples.cummin(1).values, samples.cummax(1).values
+    missed = torch.zeros(len(samples), dtype=torch.bool)
     for n in range(first, samples.shape[1] + 1):
         count = torch.full((len(samples),), n, dtype=torch.int64)
-        yield n, PlayerStats(count, total[:, n - 1], total_sq[:, n - 1], low[:, n - 1], high[:, n - 1], count)
-
-
-def _ever_excluded(samples: torch.Tensor, mean: float, bound: str, delta: float, first: int) -> torch.Tensor:
-    """Per row: did its interval exclude the true mean at any sample count from ``first`` on?"""
-    missed = torch.zeros(len(samples), dtype=torch.bool)
-    for _, stats in _running_stats(samples, first):
-        missed |= (stats.mean - mean).abs() > half_widths(stats, bound, delta, value_range=1.0)
-    return missed
+        stats = PlayerStats(count, total[:, n - 1], total_sq[:, n - 1], low[:, n - 1], high[:, n - 1], count)
+        missed |= (stats.mean - TRUE_MEAN).abs() > width(n, stats)
+    return missed.reshape(RUNS, PLAYERS).any(1)
 
 
 @pytest.mark.parametrize("bound", ["normal", "bernstein", "bernstein_observed"])
@@ -42,31 +49,21 @@ def test_intervals_hold_at_every_look(bound):
     """400 runs of 25 players, 600 samples each, looked at after every sample: the intervals of a run hold
     together at every look in at least 1 − δ of the runs. A fixed-n normal interval at the same level fails
     in most runs (checked below), so this can fail."""
-    runs, players, samples, delta = 400, 25, 600, 0.2
-    generator = torch.Generator().manual_seed(0)
-    # Marginals of a [0, 1] metric lie in [-1, 1]: a three-point law, mean 0.1, like accuracy flips.
-    draws = torch.multinomial(torch.tensor([0.2, 0.5, 0.3]), runs * players * samples, True, generator=generator)
-    x = (draws.to(torch.float64) - 1.0).reshape(runs * players, samples)
-    true_mean = -0.2 + 0.3
     # The bandit's min_samples (10) for the Bernstein bounds. The normal mixture is asymptotic: below ~50 samples
     # its sample variance is itself too noisy here (from 10 on it failed in 27 % of runs); docs/ESTIMATOR.md says so.
     first = 50 if bound == "normal" else 10
-    missed = _ever_excluded(x, true_mean, bound, delta * runs, first).reshape(runs, players).any(1)
-    assert float(missed.float().mean()) <= delta, f"{bound}: a run's intervals failed in {int(missed.sum())} of 400"
+    failed = _runs_failed(
+        _three_point_runs(), lambda n, stats: half_widths(stats, bound, DELTA * RUNS, value_range=1.0), first
+    )
+    assert float(failed.float().mean()) <= DELTA, f"{bound}: a run's intervals failed in {int(failed.sum())} of 400"
 
 
 def test_a_fixed_sample_interval_fails_under_repeated_looks():
     """The same experiment with the fixed-n interval z·s/√n the estimator used before, from 50 samples on like the
     normal mixture: most runs fail (91 %, where the mixture fails in 14 % and 20 % are allowed)."""
-    runs, players, samples, delta = 400, 25, 600, 0.2
-    generator = torch.Generator().manual_seed(0)
-    draws = torch.multinomial(torch.tensor([0.2, 0.5, 0.3]), runs * players * samples, True, generator=generator)
-    x = (draws.to(torch.float64) - 1.0).reshape(runs * players, samples)
-    z = NormalDist().inv_cdf(1.0 - delta / players / 2.0)
-    missed = torch.zeros(len(x), dtype=torch.bool)
-    for n, stats in _running_stats(x, 50):
-        missed |= (stats.mean - 0.1).abs() > z * torch.sqrt(stats.variance / n)
-    assert float(missed.reshape(runs, players).any(1).float().mean()) > 2 * delta
+    z = NormalDist().inv_cdf(1.0 - DELTA / PLAYERS / 2.0)
+    failed = _runs_failed(_three_point_runs(), lambda n, stats: z * torch.sqrt(stats.variance / n), 50)
+    assert float(failed.float().mean()) > 2 * DELTA
 
 
 def test_union_weights_sum_to_less_than_one():

@@ -48,7 +48,7 @@ BOUNDS = ("normal", "bernstein", "bernstein_observed")
 # bandit's early eliminations) and 1.21–1.27× from 100 to 10,000 (where the threshold's neighbours are decided).
 MIXTURE_RHO = 10.0
 # Σ_{n≥2} 1/(n ln² n) = 2.1097…, so the weights 1/(UNION_CONSTANT·n·ln² n) sum to less than 1
-# (tests/test_tmab.py checks the sum).
+# (tests/test_certificate.py checks the sum).
 UNION_CONSTANT = 2.11
 
 
