@@ -34,8 +34,6 @@ a rare but large marginal would lie outside of. Such a player is undecided anywa
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .stats import PlayerStats
@@ -59,13 +57,20 @@ def union_weight(n: torch.Tensor) -> torch.Tensor:
 
 
 def half_widths(
-    stats: PlayerStats, bound: str, delta: float, value_range: float | None, min_informative: int = 0
+    stats: PlayerStats,
+    bound: str,
+    delta: float,
+    value_range: float | None,
+    min_informative: int = 0,
+    delta_each: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Half-width of every player's interval, valid at every sample count; players with fewer than two samples
     get the full range, those with fewer than ``min_informative`` informative samples and some truncation zeros
-    at least the known-range Bernstein width."""
+    at least the known-range Bernstein width. ``delta_each`` replaces the even split δ/n with one error level per
+    entry (the bandit's pair intervals, whose levels shrink with the order they were opened in)."""
     n_players = stats.count.numel()
-    delta_each = delta / n_players
+    if delta_each is None:
+        delta_each = torch.full((n_players,), delta / n_players, dtype=torch.float64)
     n = stats.count.to(torch.float64)
     if value_range is not None:
         full = torch.full_like(n, 2.0 * value_range)
@@ -74,14 +79,14 @@ def half_widths(
         spread = (stats.high[seen].max() - stats.low[seen].min()).item() if bool(seen.any()) else float("inf")
         full = torch.full_like(n, spread)
     s2 = stats.variance
-    log_term = math.log(2.0 / delta_each) - torch.log(union_weight(n))  # ln(2/δ'') with δ'' = δ'·w(n)
+    log_term = torch.log(2.0 / delta_each) - torch.log(union_weight(n))  # ln(2/δ'') with δ'' = δ'·w(n)
 
     def bernstein(r: torch.Tensor) -> torch.Tensor:
         return torch.sqrt(2.0 * s2 * log_term / n.clamp_min(1)) + 7.0 * r * log_term / (3.0 * (n - 1).clamp_min(1))
 
     if bound == "normal":
         rho = MIXTURE_RHO
-        boundary = (n + rho) * (torch.log1p(n / rho) + 2.0 * math.log(1.0 / delta_each))
+        boundary = (n + rho) * (torch.log1p(n / rho) + 2.0 * torch.log(1.0 / delta_each))
         width = torch.sqrt(s2 * boundary) / n.clamp_min(1)
     elif bound == "bernstein":
         width = bernstein(full)

@@ -19,6 +19,8 @@ import torch
 
 __all__ = ["PlayerStats"]
 
+_FIELDS = ("count", "total", "total_sq", "low", "high", "informative")
+
 
 @dataclass
 class PlayerStats:
@@ -60,6 +62,11 @@ class PlayerStats:
             torch.maximum(self.high, other.high),
             self.informative + other.informative,
         )
+
+    def extended(self, extra: int) -> PlayerStats:
+        """These statistics followed by ``extra`` empty entries (the bandit's pairs, opened as it goes)."""
+        more = PlayerStats.empty(extra)
+        return PlayerStats(*(torch.cat([getattr(self, f), getattr(more, f)]) for f in _FIELDS))
 
     @property
     def mean(self) -> torch.Tensor:
