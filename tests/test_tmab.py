@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.shapley import SpecError, TMABConfig, exact_shapley, run_tmab
+from worker.shapley import SpecError, TMABConfig, exact_shapley, run_tmab, tmab
 
 UNTRUNCATED = dict(mode="all", truncation=0.0, half_width=1e-9)
 
@@ -157,6 +157,25 @@ def test_same_seed_same_result_other_seed_other_result():
     assert not torch.equal(a.values, c.values)
 
 
+def test_pair_intervals_settle_a_near_tie_of_correlated_players_sooner(monkeypatch):
+    """In a game whose marginals all grow with the coalition's weight, two players' star samples move together:
+    the interval of their difference is far narrower than their two intervals side by side, so the endgame's
+    pairs certify the top 3 in a fraction of the samples, and the answer stays exact."""
+    w = torch.arange(1, 13, dtype=torch.float64)
+    f = lambda m: (m.double() @ w) ** 2 / float(w.sum()) ** 2  # noqa: E731 - marginals depend on the coalition
+    exact = exact_shapley(f, 12)
+    cfg = TMABConfig(mode="top", top_k=3, truncation=0.0, seed=0)
+    with_pairs = run_tmab(FunctionGame(12, f), cfg)
+    monkeypatch.setattr(tmab, "PAIR_CAP", 0)  # no pair is ever opened
+    without = run_tmab(FunctionGame(12, f), cfg)
+    for est in (with_pairs, without):
+        assert est.stop_reason == "converged"
+        assert {i for i, s in enumerate(est.status) if s == "top"} == {9, 10, 11}
+        assert ((est.lower <= exact) & (exact <= est.upper)).all()
+    assert with_pairs.pair_intervals > 0 and without.pair_intervals == 0
+    assert with_pairs.iterations * 4 < without.iterations
+
+
 def test_interrupted_and_resumed_equals_uninterrupted():
     game = NoisyAdditiveGame(torch.linspace(-1, 1, 30), noise=0.5)
     cfg = TMABConfig(mode="top", top_k=3, max_iterations=80, seed=5, lanes=4)
@@ -171,11 +190,13 @@ def test_interrupted_and_resumed_equals_uninterrupted():
     partial = run_tmab(game, cfg, on_progress=on_progress, should_stop=lambda: len(saved) >= stop_after_rounds)
     assert partial.stop_reason == "stopped" and len(saved) == stop_after_rounds
     assert partial.walks < partial.iterations  # the checkpoint is taken after star rounds, which resume too
+    assert partial.pair_intervals > 0  # and after pair intervals were opened, which the checkpoint carries
     resumed = run_tmab(game, cfg, resume_from=saved[-1])
     assert torch.equal(resumed.values, whole.values)
     assert torch.equal(resumed.samples, whole.samples)
     assert resumed.status == whole.status
     assert (resumed.iterations, resumed.evaluations) == (whole.iterations, whole.evaluations)
+    assert torch.equal(resumed.upper, whole.upper) and resumed.pair_intervals == whole.pair_intervals
 
 
 def test_budgets_stop_the_run_with_honest_bounds():

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .bounds import BOUNDS, half_widths
+from .bounds import BOUNDS, half_widths, union_weight
 from .errors import SpecError
 from .stats import PlayerStats
 
@@ -40,6 +40,12 @@ _CHECKPOINT_VERSION = 1
 # walk cost in the last walk round: stars give up each walk's efficiency (its marginals sum to V(all) − V(∅)) and
 # its free truncation zeros, so they must save a fifth of the evaluations to be worth it.
 STAR_SHARE = 0.8
+# Pair intervals (:func:`undecided`): once at most PAIR_CAP players are undecided, every chosen–unchosen pair they
+# leave open gets its own confidence sequence on the difference of the two marginals, sampled on the same star
+# coalition and batch. Its width is about √2·s/√n where two separate intervals need 2·s/√n, which is what the
+# endgame of a few players on either side of the k-th value spends its time on. PAIR_SHARE of δ goes to the pairs.
+PAIR_CAP = 16
+PAIR_SHARE = 0.5
 
 
 class Game(Protocol):
@@ -165,6 +171,7 @@ class Estimate:
     config: TMABConfig
     setup_s: float = 0.0  # this session's time before the estimator began (loading, building): within elapsed_s
     discarded_evaluations: int = 0  # evaluations of a round cut short at the stop (not in ``evaluations``)
+    pair_intervals: int = 0  # chosen–unchosen pairs given an interval of their own difference (:func:`undecided`)
 
 
 @dataclass(frozen=True)
@@ -212,6 +219,9 @@ class _State:
     v_empty_sum: float = 0.0
     ends: int = 0  # walks that valued V(all) and V(∅) (star rounds do not)
     walk_cost: float | None = None  # evaluations per walk in the last walk round, its ends included
+    # Pairs (chosen, unchosen when opened) with a confidence sequence of their difference, in the order opened.
+    pairs: torch.Tensor = field(default_factory=lambda: torch.zeros((0, 2), dtype=torch.int64))
+    pair_stats: PlayerStats = field(default_factory=lambda: PlayerStats.empty(0))
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -224,6 +234,7 @@ class _State:
                 "counters": [self.iterations, self.evaluations, self.rows],
                 "sums": [self.elapsed_s, self.v_full_sum, self.v_empty_sum],
                 "walks": [self.ends, self.walk_cost],
+                "pairs": {"index": self.pairs, "stats": self.pair_stats.state()},
             },
             buf,
         )
@@ -238,6 +249,7 @@ class _State:
             iterations, evaluations, rows = raw["counters"]
             elapsed, v_full_sum, v_empty_sum = raw["sums"]
             ends, walk_cost = raw.get("walks", [iterations, None])  # older checkpoints: walks only
+            pairs = raw.get("pairs")  # older checkpoints: none opened yet
             return cls(
                 TMABConfig(**raw["config"]),
                 PlayerStats.from_state(raw["stats"]),
@@ -250,6 +262,7 @@ class _State:
                 v_empty_sum,
                 ends,
                 walk_cost,
+                *(() if pairs is None else (pairs["index"], PlayerStats.from_state(pairs["stats"]))),
             )
         except Exception as exc:
             raise SpecError(
@@ -337,6 +350,8 @@ class _Runner:
             if not self._round(lanes, active, star):
                 return self._estimate("max_seconds" if self._time_up else "stopped")
             active = self._active()
+            if self.cfg.mode != "all" and int(active.sum()) <= PAIR_CAP:
+                self._open_pairs(active)
             if self.on_progress is not None:
                 self.on_progress(Progress(self._estimate(None), int(active.sum()), self.state))
 
@@ -472,6 +487,8 @@ class _Runner:
                 )
 
         st = self.state
+        if star and len(st.pairs):
+            self._add_pair_samples(walks, active)
         for w in walks:
             players, marginals, reached = w.marginals()
             st.stats.add(players, marginals, reached)
@@ -489,15 +506,60 @@ class _Runner:
         return True
 
     def _bounds(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        stats = self.state.stats
+        stats, cfg = self.state.stats, self.cfg
         mean = stats.mean
-        width = half_widths(stats, self.cfg.bound, self.cfg.delta, self.game.value_range, self.cfg.min_samples)
+        delta = cfg.delta if cfg.mode == "all" else cfg.delta * (1.0 - PAIR_SHARE)
+        width = half_widths(stats, cfg.bound, delta, self.game.value_range, cfg.min_samples)
         return mean, mean - width, mean + width
 
+    def _pair_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lower and upper bounds of each opened pair's difference; the m-th pair opened spends
+        PAIR_SHARE·δ·w(m + 2) of the error level (:func:`.bounds.union_weight`: summable over however many are
+        opened, so the pairs hold together at PAIR_SHARE·δ)."""
+        st, cfg = self.state, self.cfg
+        order = torch.arange(len(st.pairs), dtype=torch.float64) + 2.0
+        delta_each = cfg.delta * PAIR_SHARE * union_weight(order)
+        value_range = None if self.game.value_range is None else 2.0 * self.game.value_range
+        width = half_widths(st.pair_stats, cfg.bound, cfg.delta, value_range, delta_each=delta_each)
+        mean = st.pair_stats.mean
+        return mean - width, mean + width
+
     def _active(self) -> torch.Tensor:
-        """Players whose place relative to the threshold is still undecided."""
+        """Players still to be sampled (:func:`undecided`)."""
         mean, lower, upper = self._bounds()
-        return undecided(mean, lower, upper, self.state.stats.informative < self.cfg.min_samples, self.cfg)
+        young = self.state.stats.informative < self.cfg.min_samples
+        if not len(self.state.pairs):
+            return undecided(mean, lower, upper, young, self.cfg)
+        return undecided(mean, lower, upper, young, self.cfg, self.state.pairs, *self._pair_bounds())
+
+    def _open_pairs(self, active: torch.Tensor) -> None:
+        """Give every open chosen–unchosen pair of two active players (both sampled by the next star round) that
+        has no interval yet one."""
+        st = self.state
+        mean, lower, upper = self._bounds()
+        pairs = st.pairs if len(st.pairs) else None
+        rows, cols, still_open = open_pairs(mean, lower, upper, self.cfg, pairs, *self._pair_bounds())
+        known = {tuple(p) for p in st.pairs.tolist()} | {tuple(p[::-1]) for p in st.pairs.tolist()}
+        r, c = torch.nonzero(still_open & active[rows].unsqueeze(1) & active[cols].unsqueeze(0), as_tuple=True)
+        new = [p for p in torch.stack([rows[r], cols[c]], 1).tolist() if tuple(p) not in known]
+        if new:
+            st.pairs = torch.cat([st.pairs, torch.tensor(new, dtype=torch.int64)])
+            st.pair_stats = st.pair_stats.extended(len(new))
+
+    def _add_pair_samples(self, stars: list[_Walk | _Star], active: torch.Tensor) -> None:
+        """Each star lane's difference of marginals for every opened pair whose two players it sampled."""
+        st = self.state
+        column = torch.full((active.numel(),), -1, dtype=torch.int64)
+        players = torch.nonzero(active).squeeze(1)
+        column[players] = torch.arange(len(players))
+        a, b = column[st.pairs[:, 0]], column[st.pairs[:, 1]]
+        both = torch.nonzero((a >= 0) & (b >= 0)).squeeze(1)
+        if not len(both):
+            return
+        for star in stars:
+            _, marginals, _ = star.marginals()
+            diffs = marginals[a[both]] - marginals[b[both]]
+            st.pair_stats.add(both, diffs, torch.ones_like(both, dtype=torch.bool))
 
     def _estimate(self, reason: str | None) -> Estimate:
         st, cfg = self.state, self.cfg
@@ -531,40 +593,90 @@ class _Runner:
             config=cfg,
             setup_s=self.setup_s,
             discarded_evaluations=self.discarded if reason is not None else 0,
+            pair_intervals=len(st.pairs),
         )
 
 
 def undecided(
-    mean: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, young: torch.Tensor, cfg: TMABConfig
+    mean: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    young: torch.Tensor,
+    cfg: TMABConfig,
+    pairs: torch.Tensor | None = None,
+    pair_lower: torch.Tensor | None = None,
+    pair_upper: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Players still to be sampled: ``young`` ones, and those whose interval straddles the threshold.
+    """Players still to be sampled: ``young`` ones, and both players of every pair :func:`open_pairs` leaves open.
 
-    In ``top``/``bottom`` a player is decided once its interval lies within ε/2 of one side of the threshold θ.
-    When no player is left and the intervals hold, every chosen player's value is within ε of the true k-th
-    value: a chosen player is at least θ − ε/2; if the true k-th value is above θ + ε/2, the k players at or
-    above it are all chosen (no other player is above θ + ε/2), else it is at most θ + ε/2. Any θ would do;
-    :func:`_threshold` puts it where the boundary players are decided soonest. With ε instead of ε/2 the
-    guarantee is only 2ε, and a run held to ε (the benchmark's standard) can certify a wrong top-k
-    (``tests/test_tmab.py`` checks the guarantee on random intervals).
+    In ``top``/``bottom`` the run stops when no chosen–unchosen pair is open. When the intervals hold, every
+    chosen player i is then within ε of the true k-th value: if the chosen set is not the true top k, some
+    unchosen j is in it, and φ_i ≥ φ_j − ε ≥ (true k-th value) − ε. Without pair intervals this is the
+    ε-optimal subset rule of LUCB (Kalyanakrishnan et al. 2012): the weakest chosen lower bound within ε of the
+    strongest unchosen upper bound. ``tests/test_certificate.py`` checks the guarantee on random intervals.
     """
     if cfg.mode == "all":
         return young | ((upper - lower) / 2 > cfg.half_width)
-    theta, margin = _threshold(mean, cfg), cfg.epsilon / 2.0
-    return young | ((lower + margin < theta) & (theta < upper - margin))
+    rows, cols, still_open = open_pairs(mean, lower, upper, cfg, pairs, pair_lower, pair_upper)
+    # Which side of an open pair to sample: the player not yet within ε/2 of its side of θ (at least one of the
+    # two is: were both, lower_i + ε ≥ upper_j). A pair's own interval grows while both are (the joint samples
+    # of a star); sampling a player only for a pair costs more than it saves (bench/results/certificate.txt).
+    sign = -1.0 if cfg.mode == "bottom" else 1.0
+    theta, margin = _threshold(sign * mean, cfg.top_k), cfg.epsilon / 2.0
+    row_short = (sign * (lower if sign > 0 else upper))[rows] + margin < theta
+    col_short = (sign * (upper if sign > 0 else lower))[cols] - margin > theta
+    active = young.clone()
+    active[rows[(still_open & row_short.unsqueeze(1)).any(1)]] = True
+    active[cols[(still_open & col_short.unsqueeze(0)).any(0)]] = True
+    return active
 
 
-def _threshold(mean: torch.Tensor, cfg: TMABConfig) -> float:
-    """Midway between the k-th and the (k+1)-th largest mean (``top``; smallest for ``bottom``).
+def _threshold(mean: torch.Tensor, top_k: int) -> float:
+    """Midway between the k-th and the (k+1)-th largest mean: the boundary players of an open pair that has no
+    interval of its own are sampled until they are within ε/2 of their side of it. At the (k+1)-th mean itself,
+    that player's interval would always contain θ, and it would be done only once its half-width was below ε/2."""
+    ordered = torch.sort(mean, descending=True).values
+    return float(ordered[top_k - 1] + ordered[top_k]) / 2.0
 
-    ESTIMATOR.md puts θ at the (k+1)-th mean itself. Then the (k+1)-th
-    player's own interval always contains θ, so it is decided only once its
-    half-width is below ε, which on real networks takes orders of magnitude
-    more samples than separating the top k (the test suite's bandit tests
-    never converge that way). Midway, both players at the boundary are decided
-    once their intervals are clear of each other's gap, or within ε of it.
+
+def open_pairs(
+    mean: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    cfg: TMABConfig,
+    pairs: torch.Tensor | None = None,
+    pair_lower: torch.Tensor | None = None,
+    pair_upper: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen players, unchosen players, ``[rows, cols]`` bool): the pairs not yet certified.
+
+    A pair (i chosen, j not) is certified when φ_i ≥ φ_j − ε holds by the players' own intervals
+    (lower_i + ε ≥ upper_j) or by the pair's interval of φ_i − φ_j (its lower bound ≥ −ε). ``pairs[m]`` = (a, b)
+    with ``pair_lower[m]``/``pair_upper[m]`` bounding φ_a − φ_b, whichever of a and b is chosen now. Only the
+    chosen players that some unchosen upper bound is above by more than ε, and the unchosen players above some
+    chosen lower bound by more than ε, are listed: the matrix stays small at thousands of players.
     """
-    ordered = torch.sort(mean, descending=cfg.mode == "top").values
-    return float(ordered[cfg.top_k - 1] + ordered[cfg.top_k]) / 2.0
+    if cfg.mode == "bottom":  # the bottom k of φ are the top k of −φ
+        mean, lower, upper = -mean, -upper, -lower
+        if pair_lower is not None and pair_upper is not None:
+            pair_lower, pair_upper = -pair_upper, -pair_lower
+    eps = cfg.epsilon
+    order = torch.argsort(mean, descending=True, stable=True)
+    chosen, rest = order[: cfg.top_k], order[cfg.top_k :]
+    rows = chosen[lower[chosen] + eps < upper[rest].max()]
+    cols = rest[upper[rest] > lower[chosen].min() + eps]
+    still_open = lower[rows].unsqueeze(1) + eps < upper[cols].unsqueeze(0)
+    if pairs is not None and pair_lower is not None and pair_upper is not None and len(pairs):
+        n = mean.numel()
+        row_at = torch.full((n,), -1, dtype=torch.int64)
+        col_at = torch.full((n,), -1, dtype=torch.int64)
+        row_at[rows], col_at[cols] = torch.arange(len(rows)), torch.arange(len(cols))
+        a, b = pairs[:, 0], pairs[:, 1]
+        # (a chosen, b not): certified if φ_a − φ_b ≥ −ε; (b chosen, a not): if φ_b − φ_a ≥ −ε, i.e. upper ≤ ε.
+        for r, c, certified in ((row_at[a], col_at[b], pair_lower >= -eps), (row_at[b], col_at[a], pair_upper <= eps)):
+            hit = (r >= 0) & (c >= 0) & certified
+            still_open[r[hit], c[hit]] = False
+    return rows, cols, still_open
 
 
 class _Walk:
