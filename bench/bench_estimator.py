@@ -624,9 +624,9 @@ def time_to_correct(model: Model, scale: Scale, ref: Reference) -> dict:
     cut = float(torch.sort(values, descending=True).values[K - 1]) - TOL
     out(
         f"correct = each of the ten >= {cut:.4f} (reference 10th value - {TOL}); 'weakest pick' = reference rank and "
-        "value of the weakest of the ten; TMAB runs to its own stop ('converged': every interval on one side of "
-        f"the threshold give or take eps/2, which certifies each pick within eps = {TMABConfig().epsilon} of the true "
-        f"10th value) under a {scale.tmab_seconds[model.kind]:.0f} s cap"
+        "value of the weakest of the ten; TMAB runs to its own stop ('converged': every chosen-unchosen pair "
+        "certified within eps by the two intervals or the pair's own, which certifies each pick within "
+        f"eps = {TMABConfig().epsilon} of the true 10th value) under a {scale.tmab_seconds[model.kind]:.0f} s cap"
     )
     rows = []
     for r in (plain, plain_batched, *runs.values()):

@@ -50,6 +50,7 @@ def run_summary(game: NeuronGame, estimate: Estimate) -> dict:
         "stop_reason": estimate.stop_reason,
         "setup_s": estimate.setup_s,
         "discarded_evaluations": estimate.discarded_evaluations,
+        "pair_intervals": estimate.pair_intervals,
         "evidence": evidence(estimate),
         "warnings": warnings(estimate),
     }
