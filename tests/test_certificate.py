@@ -17,7 +17,7 @@ import torch
 from worker.shapley import TMABConfig
 from worker.shapley.bounds import UNION_CONSTANT, half_widths, union_weight
 from worker.shapley.stats import PlayerStats
-from worker.shapley.tmab import undecided
+from worker.shapley.tmab import PairBounds, undecided
 
 RUNS, PLAYERS, SAMPLES, DELTA = 400, 25, 600, 0.2
 TRUE_MEAN = -0.2 + 0.3
@@ -99,12 +99,12 @@ def test_a_certified_top_k_is_within_epsilon_of_the_true_kth_value(mode, with_pa
     for _ in range(5_000):
         truth = torch.round(torch.rand(n, generator=generator, dtype=torch.float64) * 8) / 200  # steps of 0.005
         mean, width = _edge_intervals(generator, truth, 0.01)
-        pair_bounds: tuple = ()
+        pair_bounds = None
         if with_pairs:
             pairs = everyone[torch.rand(len(everyone), generator=generator) < 0.5]
             diff, pair_width = _edge_intervals(generator, truth[pairs[:, 0]] - truth[pairs[:, 1]], 0.008)
-            pair_bounds = (pairs, diff - pair_width, diff + pair_width)
-        if undecided(mean, mean - width, mean + width, torch.zeros(n, dtype=torch.bool), cfg, *pair_bounds).any():
+            pair_bounds = PairBounds(pairs, diff - pair_width, diff + pair_width)
+        if undecided(mean, mean - width, mean + width, torch.zeros(n, dtype=torch.bool), cfg, pair_bounds).any():
             continue
         certified += 1
         chosen = torch.argsort(sign * mean, descending=True)[: cfg.top_k]

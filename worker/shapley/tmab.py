@@ -32,7 +32,18 @@ from .bounds import BOUNDS, half_widths, union_weight
 from .errors import SpecError
 from .stats import PlayerStats
 
-__all__ = ["Game", "TMABConfig", "Progress", "PassProgress", "Estimate", "run_tmab", "undecided", "MODES"]
+__all__ = [
+    "Game",
+    "TMABConfig",
+    "Progress",
+    "PassProgress",
+    "Estimate",
+    "run_tmab",
+    "undecided",
+    "open_pairs",
+    "PairBounds",
+    "MODES",
+]
 
 MODES = ("top", "bottom", "all")
 _CHECKPOINT_VERSION = 1
@@ -512,33 +523,32 @@ class _Runner:
         width = half_widths(stats, cfg.bound, delta, self.game.value_range, cfg.min_samples)
         return mean, mean - width, mean + width
 
-    def _pair_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Lower and upper bounds of each opened pair's difference; the m-th pair opened spends
+    def _pair_bounds(self) -> PairBounds | None:
+        """Bounds of each opened pair's difference (None before any is opened); the m-th pair opened spends
         PAIR_SHARE·δ·w(m + 2) of the error level (:func:`.bounds.union_weight`: summable over however many are
         opened, so the pairs hold together at PAIR_SHARE·δ)."""
         st, cfg = self.state, self.cfg
+        if not len(st.pairs):
+            return None
         order = torch.arange(len(st.pairs), dtype=torch.float64) + 2.0
         delta_each = cfg.delta * PAIR_SHARE * union_weight(order)
         value_range = None if self.game.value_range is None else 2.0 * self.game.value_range
         width = half_widths(st.pair_stats, cfg.bound, cfg.delta, value_range, delta_each=delta_each)
         mean = st.pair_stats.mean
-        return mean - width, mean + width
+        return PairBounds(st.pairs, mean - width, mean + width)
 
     def _active(self) -> torch.Tensor:
         """Players still to be sampled (:func:`undecided`)."""
         mean, lower, upper = self._bounds()
         young = self.state.stats.informative < self.cfg.min_samples
-        if not len(self.state.pairs):
-            return undecided(mean, lower, upper, young, self.cfg)
-        return undecided(mean, lower, upper, young, self.cfg, self.state.pairs, *self._pair_bounds())
+        return undecided(mean, lower, upper, young, self.cfg, self._pair_bounds())
 
     def _open_pairs(self, active: torch.Tensor) -> None:
         """Give every open chosen–unchosen pair of two active players (both sampled by the next star round) that
         has no interval yet one."""
         st = self.state
         mean, lower, upper = self._bounds()
-        pairs = st.pairs if len(st.pairs) else None
-        rows, cols, still_open = open_pairs(mean, lower, upper, self.cfg, pairs, *self._pair_bounds())
+        rows, cols, still_open = open_pairs(mean, lower, upper, self.cfg, self._pair_bounds())
         known = {tuple(p) for p in st.pairs.tolist()} | {tuple(p[::-1]) for p in st.pairs.tolist()}
         r, c = torch.nonzero(still_open & active[rows].unsqueeze(1) & active[cols].unsqueeze(0), as_tuple=True)
         new = [p for p in torch.stack([rows[r], cols[c]], 1).tolist() if tuple(p) not in known]
@@ -597,17 +607,25 @@ class _Runner:
         )
 
 
+@dataclass(frozen=True)
+class PairBounds:
+    """Pairs with an interval of their own: ``index[m]`` = (a, b) and ``lower[m]`` ≤ φ_a − φ_b ≤ ``upper[m]``."""
+
+    index: torch.Tensor  # int64 [P, 2]
+    lower: torch.Tensor  # float64 [P]
+    upper: torch.Tensor
+
+
 def undecided(
     mean: torch.Tensor,
     lower: torch.Tensor,
     upper: torch.Tensor,
     young: torch.Tensor,
     cfg: TMABConfig,
-    pairs: torch.Tensor | None = None,
-    pair_lower: torch.Tensor | None = None,
-    pair_upper: torch.Tensor | None = None,
+    pairs: PairBounds | None = None,
 ) -> torch.Tensor:
-    """Players still to be sampled: ``young`` ones, and both players of every pair :func:`open_pairs` leaves open.
+    """Players still to be sampled: ``young`` ones, and of every pair :func:`open_pairs` leaves open, the player
+    not yet within ε/2 of its side of the threshold.
 
     In ``top``/``bottom`` the run stops when no chosen–unchosen pair is open. When the intervals hold, every
     chosen player i is then within ε of the true k-th value: if the chosen set is not the true top k, some
@@ -617,7 +635,7 @@ def undecided(
     """
     if cfg.mode == "all":
         return young | ((upper - lower) / 2 > cfg.half_width)
-    rows, cols, still_open = open_pairs(mean, lower, upper, cfg, pairs, pair_lower, pair_upper)
+    rows, cols, still_open = open_pairs(mean, lower, upper, cfg, pairs)
     # Which side of an open pair to sample: the player not yet within ε/2 of its side of θ (at least one of the
     # two is: were both, lower_i + ε ≥ upper_j). A pair's own interval grows while both are (the joint samples
     # of a star); sampling a player only for a pair costs more than it saves (bench/results/certificate.txt).
@@ -640,40 +658,35 @@ def _threshold(mean: torch.Tensor, top_k: int) -> float:
 
 
 def open_pairs(
-    mean: torch.Tensor,
-    lower: torch.Tensor,
-    upper: torch.Tensor,
-    cfg: TMABConfig,
-    pairs: torch.Tensor | None = None,
-    pair_lower: torch.Tensor | None = None,
-    pair_upper: torch.Tensor | None = None,
+    mean: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, cfg: TMABConfig, pairs: PairBounds | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen players, unchosen players, ``[rows, cols]`` bool): the pairs not yet certified.
 
     A pair (i chosen, j not) is certified when φ_i ≥ φ_j − ε holds by the players' own intervals
-    (lower_i + ε ≥ upper_j) or by the pair's interval of φ_i − φ_j (its lower bound ≥ −ε). ``pairs[m]`` = (a, b)
-    with ``pair_lower[m]``/``pair_upper[m]`` bounding φ_a − φ_b, whichever of a and b is chosen now. Only the
+    (lower_i + ε ≥ upper_j) or by the pair's interval of φ_i − φ_j (its lower bound ≥ −ε), whichever of a pair's
+    two players is chosen now. Only the
     chosen players that some unchosen upper bound is above by more than ε, and the unchosen players above some
     chosen lower bound by more than ε, are listed: the matrix stays small at thousands of players.
     """
     if cfg.mode == "bottom":  # the bottom k of φ are the top k of −φ
         mean, lower, upper = -mean, -upper, -lower
-        if pair_lower is not None and pair_upper is not None:
-            pair_lower, pair_upper = -pair_upper, -pair_lower
+        if pairs is not None:
+            pairs = PairBounds(pairs.index, -pairs.upper, -pairs.lower)
     eps = cfg.epsilon
     order = torch.argsort(mean, descending=True, stable=True)
     chosen, rest = order[: cfg.top_k], order[cfg.top_k :]
     rows = chosen[lower[chosen] + eps < upper[rest].max()]
     cols = rest[upper[rest] > lower[chosen].min() + eps]
     still_open = lower[rows].unsqueeze(1) + eps < upper[cols].unsqueeze(0)
-    if pairs is not None and pair_lower is not None and pair_upper is not None and len(pairs):
+    if pairs is not None:
         n = mean.numel()
         row_at = torch.full((n,), -1, dtype=torch.int64)
         col_at = torch.full((n,), -1, dtype=torch.int64)
         row_at[rows], col_at[cols] = torch.arange(len(rows)), torch.arange(len(cols))
-        a, b = pairs[:, 0], pairs[:, 1]
+        a, b = pairs.index[:, 0], pairs.index[:, 1]
         # (a chosen, b not): certified if φ_a − φ_b ≥ −ε; (b chosen, a not): if φ_b − φ_a ≥ −ε, i.e. upper ≤ ε.
-        for r, c, certified in ((row_at[a], col_at[b], pair_lower >= -eps), (row_at[b], col_at[a], pair_upper <= eps)):
+        sides = ((row_at[a], col_at[b], pairs.lower >= -eps), (row_at[b], col_at[a], pairs.upper <= eps))
+        for r, c, certified in sides:
             hit = (r >= 0) & (c >= 0) & certified
             still_open[r[hit], c[hit]] = False
     return rows, cols, still_open
