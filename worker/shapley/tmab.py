@@ -346,11 +346,11 @@ class _Runner:
         self._time_up = False
 
     def run(self) -> Estimate:
-        active = self._active()
+        active, _ = self._active()
         while True:
             reason = self._budget_reached(active)
             if reason:
-                return self._estimate(reason)
+                return self._estimate(reason, active)
             undecided = int(active.sum())
             star = self._star_round(undecided)
             # A star round fills its passes with lanes: its 1 + A coalitions per lane are few, and a pass's fixed
@@ -359,12 +359,12 @@ class _Runner:
             if self.cfg.max_iterations is not None:
                 lanes = min(lanes, self.cfg.max_iterations - self.state.iterations)
             if not self._round(lanes, active, star):
-                return self._estimate("max_seconds" if self._time_up else "stopped")
-            active = self._active()
-            if self.cfg.mode != "all" and int(active.sum()) <= PAIR_CAP:
-                self._open_pairs(active)
+                return self._estimate("max_seconds" if self._time_up else "stopped", active)
+            active, cells = self._active()
+            if cells is not None and int(active.sum()) <= PAIR_CAP:
+                self._open_pairs(active, cells)
             if self.on_progress is not None:
-                self.on_progress(Progress(self._estimate(None), int(active.sum()), self.state))
+                self.on_progress(Progress(self._estimate(None, active), int(active.sum()), self.state))
 
     def _budget_reached(self, active: torch.Tensor) -> str | None:
         cfg, st = self.cfg, self.state
@@ -498,11 +498,13 @@ class _Runner:
                 )
 
         st = self.state
-        if star and len(st.pairs):
-            self._add_pair_samples(walks, active)
+        pair_columns = self._pair_columns(active) if star else None
         for w in walks:
             players, marginals, reached = w.marginals()
             st.stats.add(players, marginals, reached)
+            if pair_columns is not None:  # a star's difference of marginals for every pair it sampled both of
+                both, a, b = pair_columns
+                st.pair_stats.add(both, marginals[a] - marginals[b], torch.ones_like(both, dtype=torch.bool))
             if isinstance(w, _Walk):
                 st.v_full_sum += w.v_full
                 st.v_empty_sum += w.v_empty
@@ -533,22 +535,26 @@ class _Runner:
         order = torch.arange(len(st.pairs), dtype=torch.float64) + 2.0
         delta_each = cfg.delta * PAIR_SHARE * union_weight(order)
         value_range = None if self.game.value_range is None else 2.0 * self.game.value_range
-        width = half_widths(st.pair_stats, cfg.bound, cfg.delta, value_range, delta_each=delta_each)
+        width = half_widths(st.pair_stats, cfg.bound, cfg.delta * PAIR_SHARE, value_range, delta_each=delta_each)
         mean = st.pair_stats.mean
         return PairBounds(st.pairs, mean - width, mean + width)
 
-    def _active(self) -> torch.Tensor:
-        """Players still to be sampled (:func:`undecided`)."""
+    def _active(self) -> tuple[torch.Tensor, _Cells | None]:
+        """Players still to be sampled (:func:`undecided`), and in ``top``/``bottom`` the open pairs they come
+        from (:func:`open_pairs`), which :meth:`_open_pairs` reuses."""
         mean, lower, upper = self._bounds()
         young = self.state.stats.informative < self.cfg.min_samples
-        return undecided(mean, lower, upper, young, self.cfg, self._pair_bounds())
+        if self.cfg.mode == "all":
+            return undecided(mean, lower, upper, young, self.cfg), None
+        cells = open_pairs(mean, lower, upper, self.cfg, self._pair_bounds())
+        return _short_of_threshold(mean, young, self.cfg, lower, upper, cells), cells
 
-    def _open_pairs(self, active: torch.Tensor) -> None:
+    def _open_pairs(self, active: torch.Tensor, cells: _Cells) -> None:
         """Give every open chosen–unchosen pair of two active players (both sampled by the next star round) that
-        has no interval yet one."""
+        has no interval yet one. A pair opened now has no samples, so it leaves ``cells`` and ``active`` as
+        they are."""
         st = self.state
-        mean, lower, upper = self._bounds()
-        rows, cols, still_open = open_pairs(mean, lower, upper, self.cfg, self._pair_bounds())
+        rows, cols, still_open = cells
         known = {tuple(p) for p in st.pairs.tolist()} | {tuple(p[::-1]) for p in st.pairs.tolist()}
         r, c = torch.nonzero(still_open & active[rows].unsqueeze(1) & active[cols].unsqueeze(0), as_tuple=True)
         new = [p for p in torch.stack([rows[r], cols[c]], 1).tolist() if tuple(p) not in known]
@@ -556,25 +562,21 @@ class _Runner:
             st.pairs = torch.cat([st.pairs, torch.tensor(new, dtype=torch.int64)])
             st.pair_stats = st.pair_stats.extended(len(new))
 
-    def _add_pair_samples(self, stars: list[_Walk | _Star], active: torch.Tensor) -> None:
-        """Each star lane's difference of marginals for every opened pair whose two players it sampled."""
-        st = self.state
+    def _pair_columns(self, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(opened pairs whose two players a star round samples, and those players' columns in a star's
+        marginals, which list the active players in order), or None if there is no such pair."""
+        pairs = self.state.pairs
         column = torch.full((active.numel(),), -1, dtype=torch.int64)
         players = torch.nonzero(active).squeeze(1)
         column[players] = torch.arange(len(players))
-        a, b = column[st.pairs[:, 0]], column[st.pairs[:, 1]]
+        a, b = column[pairs[:, 0]], column[pairs[:, 1]]
         both = torch.nonzero((a >= 0) & (b >= 0)).squeeze(1)
-        if not len(both):
-            return
-        for star in stars:
-            _, marginals, _ = star.marginals()
-            diffs = marginals[a[both]] - marginals[b[both]]
-            st.pair_stats.add(both, diffs, torch.ones_like(both, dtype=torch.bool))
+        return (both, a[both], b[both]) if len(both) else None
 
-    def _estimate(self, reason: str | None) -> Estimate:
+    def _estimate(self, reason: str | None, active: torch.Tensor) -> Estimate:
+        """The estimate at the current state, whose active players (:meth:`_active`) the caller has."""
         st, cfg = self.state, self.cfg
         mean, lower, upper = self._bounds()
-        active = self._active()
         status = ["undecided" if a else "decided" for a in active.tolist()]
         if cfg.mode in ("top", "bottom"):
             order = torch.argsort(mean, descending=cfg.mode == "top", stable=True)
@@ -635,18 +637,33 @@ def undecided(
     """
     if cfg.mode == "all":
         return young | ((upper - lower) / 2 > cfg.half_width)
-    rows, cols, still_open = open_pairs(mean, lower, upper, cfg, pairs)
-    # Which side of an open pair to sample: the player not yet within ε/2 of its side of θ (at least one of the
-    # two is: were both, lower_i + ε ≥ upper_j). A pair's own interval grows while both are (the joint samples
-    # of a star); sampling a player only for a pair costs more than it saves (bench/results/certificate.txt).
-    sign = -1.0 if cfg.mode == "bottom" else 1.0
-    theta, margin = _threshold(sign * mean, cfg.top_k), cfg.epsilon / 2.0
-    row_short = (sign * (lower if sign > 0 else upper))[rows] + margin < theta
-    col_short = (sign * (upper if sign > 0 else lower))[cols] - margin > theta
+    return _short_of_threshold(mean, young, cfg, lower, upper, open_pairs(mean, lower, upper, cfg, pairs))
+
+
+_Cells = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # what open_pairs returns: rows, cols, still_open
+
+
+def _short_of_threshold(
+    mean: torch.Tensor, young: torch.Tensor, cfg: TMABConfig, lower: torch.Tensor, upper: torch.Tensor, cells: _Cells
+) -> torch.Tensor:
+    """``young`` players, and of every open pair the player not yet within ε/2 of its side of θ (at least one of
+    the two is: were both, lower_i + ε ≥ upper_j). A pair's own interval grows while both are (the joint
+    samples of a star); sampling a player only for a pair costs more than it saves
+    (bench/results/certificate.txt)."""
+    rows, cols, still_open = cells
+    mean, lower, upper = _as_top(cfg, mean, lower, upper)
+    theta, margin = _threshold(mean, cfg.top_k), cfg.epsilon / 2.0
     active = young.clone()
-    active[rows[(still_open & row_short.unsqueeze(1)).any(1)]] = True
-    active[cols[(still_open & col_short.unsqueeze(0)).any(0)]] = True
+    active[rows[(still_open & (lower[rows] + margin < theta).unsqueeze(1)).any(1)]] = True
+    active[cols[(still_open & (upper[cols] - margin > theta).unsqueeze(0)).any(0)]] = True
     return active
+
+
+def _as_top(
+    cfg: TMABConfig, mean: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The estimates and bounds of −φ in ``bottom`` mode (the bottom k of φ are the top k of −φ), else as given."""
+    return (-mean, -upper, -lower) if cfg.mode == "bottom" else (mean, lower, upper)
 
 
 def _threshold(mean: torch.Tensor, top_k: int) -> float:
@@ -664,14 +681,13 @@ def open_pairs(
 
     A pair (i chosen, j not) is certified when φ_i ≥ φ_j − ε holds by the players' own intervals
     (lower_i + ε ≥ upper_j) or by the pair's interval of φ_i − φ_j (its lower bound ≥ −ε), whichever of a pair's
-    two players is chosen now. Only the
-    chosen players that some unchosen upper bound is above by more than ε, and the unchosen players above some
-    chosen lower bound by more than ε, are listed: the matrix stays small at thousands of players.
+    two players is chosen now. Only the chosen players that some unchosen upper bound is above by more than ε,
+    and the unchosen players above some chosen lower bound by more than ε, are listed: the matrix stays small at
+    thousands of players.
     """
-    if cfg.mode == "bottom":  # the bottom k of φ are the top k of −φ
-        mean, lower, upper = -mean, -upper, -lower
-        if pairs is not None:
-            pairs = PairBounds(pairs.index, -pairs.upper, -pairs.lower)
+    mean, lower, upper = _as_top(cfg, mean, lower, upper)
+    if pairs is not None and cfg.mode == "bottom":
+        pairs = PairBounds(pairs.index, -pairs.upper, -pairs.lower)
     eps = cfg.epsilon
     order = torch.argsort(mean, descending=True, stable=True)
     chosen, rest = order[: cfg.top_k], order[cfg.top_k :]
