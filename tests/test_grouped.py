@@ -108,6 +108,32 @@ def test_a_deferred_gate_pools_once_per_upstream_group_and_reaches_the_linear_la
     assert linear[False] == 16 * b and linear[True] < 9 * b
 
 
+@pytest.mark.parametrize("fmt, ablation", [("pt2", "zero"), ("onnx", "mean")])
+def test_a_star_of_first_layer_flips_runs_the_next_convolution_once_per_batch(digits_cnn, fmt, ablation):
+    """A star round's coalitions (one random coalition, and it with each of six conv1 channels flipped) on two
+    batches: conv2 runs once per batch at a base mask, each flip added as one channel's convolution (a matrix
+    product, not counted here), with the values of one conv2 per coalition."""
+    game, plain = games(digits_cnn, fmt, ablation)
+    generator = torch.Generator().manual_seed(0)
+    sample = game.sample(generator, 2)
+    stars = []
+    for _ in range(2):
+        star = (torch.rand(game.n_players, generator=generator) < 0.5).float().expand(7, -1).clone()
+        for k in range(1, 7):
+            star[k, k] = 1 - star[k, k]
+        stars.append(star)
+    masks, lanes = torch.cat(stars), torch.arange(2).repeat_interleave(7)
+    expected = plain.model.run(sample.frontier, sample.lane_rows[lanes].reshape(-1), masks)
+    rows = {}
+    for defer in (True, False):
+        suffix = GroupedSuffix(game.model.suffix, defer=defer)
+        with Rows(torch.ops.aten.conv2d, torch.ops.aten.convolution) as conv:
+            got = suffix.evaluate(sample.frontier, sample.lane_rows, lanes, masks)
+        rows[defer] = conv.rows
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert rows[False] == 14 * game.batch_size and rows[True] == 2 * game.batch_size
+
+
 class TwoConvs(nn.Module):
     """Two small convolutions and a linear head, for models whose forward defeats one evaluation path."""
 

@@ -135,6 +135,7 @@ _PER_NEURON = _RESHAPES | {
     "hardswish",
     "softplus",
 }
+_WRITE = 8  # multiply-adds that writing one value costs, for weighing a split convolution (GroupedSuffix._conv2d)
 _SHAPE_READS = {"shape", "size"}  # read off the unsplit rows, which the reshape that uses them will see
 
 
@@ -222,9 +223,10 @@ class GroupedSuffix(torch.fx.Interpreter):
                 return self._past(name, fn, args[0], args[1:], kwargs)
             if name in _SHAPE_READS:
                 return fn(args[0].x.t, *args[1:], **kwargs)
-            if name == "linear" and (out := self._linear(*args, **kwargs)) is not None:
+            split = {"linear": self._linear, "conv2d": self._conv2d}.get(name)
+            if split is not None and (out := split(fn, *args, **kwargs)) is not None:
                 if self.checking and not self._same(out, self._generic(fn, args, kwargs)):
-                    raise ValueError("a linear layer split by neuron differs from the layer run after its gate")
+                    raise ValueError(f"a {name} layer split by neuron differs from the layer run after its gate")
                 return out
         return self._generic(fn, args, kwargs)
 
@@ -280,7 +282,7 @@ class GroupedSuffix(torch.fx.Interpreter):
             raise ValueError(f"{name} moves values between examples")  # grouped_suffix falls back
         return _Deferred(_Grouped(t, d.x.key, d.x.groups), aux, d.gate)
 
-    def _linear(self, d: _Deferred, weight: torch.Tensor, bias: torch.Tensor | None = None) -> _Grouped | None:
+    def _linear(self, fn, d: _Deferred, weight: torch.Tensor, bias: torch.Tensor | None = None) -> _Grouped | None:
         """A linear layer right after a deferred gate, as ``bias + Σ_neuron mask · contribution``: the layer
         runs once per group of its input, split by the gate's neuron, and each refined group's output is one
         matrix product of its masks with those contributions. ``None`` where that does not pay (or the
@@ -318,6 +320,76 @@ class GroupedSuffix(torch.fx.Interpreter):
         out = out.reshape(len(reps) * self.b, outputs)
         out += torch.nn.functional.linear(fill.unsqueeze(0), weight, bias)
         return _Grouped(out, key, len(reps))
+
+    def _conv2d(
+        self,
+        fn,
+        d: _Deferred,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+    ) -> _Grouped | None:
+        """A 2-d convolution right after a deferred gate, as each input group's convolution at one *base* mask
+        (the group's most common one) plus, for every coalition, the convolutions of the few channels it keeps
+        otherwise. The layer is linear in its input, so keeping channel c where the base removes it moves the
+        output by ``conv_c(x_c − fill_c)``, and removing it by minus that. The coalitions of a star round differ
+        from their base in one channel each, and of a walk's pass in a few, while one channel's convolution
+        costs about 1/n of the layer: it runs as a matrix product of the channel's patches, because oneDNN's
+        convolution of one input channel is bound by writing its output and costs half the whole layer (on
+        the wide CNN's conv2). ``None`` where that does not pay, or the layer is not one this can follow."""
+        x, fill, neuron, n = d.x.t, d.aux[0], d.aux[1], d.gate.size
+        if groups != 1 or x.ndim != 4 or isinstance(padding, str) or weight.shape[1] != n:
+            return None
+        channel = torch.arange(n, device=x.device, dtype=x.dtype).reshape(n, 1, 1)
+        if not torch.equal(neuron, channel.expand_as(neuron)):
+            return None
+        m = self.masks[:, d.gate.offset : d.gate.offset + n]
+        key, reps = _split(d.x.key, m)
+        keep, source = m[reps], d.x.key[reps]
+        inputs, g = d.x.groups, len(reps)
+        votes = torch.zeros(inputs, n, dtype=keep.dtype, device=keep.device).index_add_(0, source, keep)
+        base = 2 * votes > torch.bincount(source, minlength=inputs).unsqueeze(1)
+        diff = keep - base[source].to(keep.dtype)  # +1: kept where the base removes it; -1: the reverse
+        flipped, channels = torch.nonzero(diff, as_tuple=True)
+        kernel, outputs = weight[0, 0].numel(), weight.shape[0]
+        # Multiply-adds per example and output feature: the layer costs n·kernel a group; split, n·kernel an
+        # input group, and for each flipped channel of a group its own convolution (a kernel) and two writes
+        # (its output, and adding it), and a write for each group's copy of its base.
+        split_cost = inputs * n * kernel + len(flipped) * (kernel + 2 * _WRITE) + g * _WRITE
+        memory = len(flipped) * self.b * outputs * x[0, 0].numel() * x.element_size()
+        if not len(flipped) or memory > self.memory_bytes or not (split_cost < g * n * kernel or self.checking):
+            return None
+        b, spatial = self.b, x.shape[2:]
+        stride, padding, dilation = (
+            [*v] if isinstance(v, (list, tuple)) else [v, v] for v in (stride, padding, dilation)
+        )
+        xs = x.reshape(inputs, b, n, *spatial)
+        base_in = torch.where(base[:, None, :, None, None], xs, fill).reshape(inputs * b, n, *spatial)
+        # Channels last, so that each group's copy of its base and the flips added to it are contiguous rows.
+        base_out = fn(base_in.contiguous(memory_format=torch.channels_last), weight, bias, stride, padding, dilation, 1)
+        out_spatial = base_out.shape[2:]
+        out = base_out.permute(0, 2, 3, 1).reshape(inputs, -1, outputs).index_select(0, source)  # [g, b·P, O]
+        # Each flip's change, the sign folded into the input, convolved as patches × the channel's weights.
+        order = torch.argsort(channels, stable=True)
+        flipped, channels = flipped[order], channels[order]
+        one = xs[source[flipped], :, channels] - fill[channels].unsqueeze(1)  # [flips, b, *spatial]
+        one *= diff[flipped, channels].reshape(-1, 1, 1, 1)
+        patches = torch.nn.functional.unfold(
+            one.reshape(-1, 1, *spatial), weight.shape[2:], dilation=dilation, padding=padding, stride=stride
+        ).transpose(1, 2)  # [flips·b, positions, kernel]
+        patches = patches.reshape(len(flipped), -1, kernel)  # [flips, b·positions, kernel]
+        w = weight.reshape(outputs, n, kernel).permute(1, 2, 0).contiguous()  # [n, kernel, outputs]: BLAS's layout
+        deltas = torch.empty(len(flipped), out.shape[1], outputs, dtype=x.dtype, device=x.device)
+        at = 0
+        for c, count in zip(*(t.tolist() for t in torch.unique_consecutive(channels, return_counts=True)), strict=True):
+            torch.mm(patches[at : at + count].view(-1, kernel), w[c], out=deltas[at : at + count].view(-1, outputs))
+            at += count
+        out.index_add_(0, flipped, deltas)
+        # Back to [rows, outputs, *spatial], as a channels-last view: the next ops take any layout.
+        return _Grouped(out.view(g * b, *out_spatial, outputs).permute(0, 3, 1, 2), key, g)
 
     def call_function(self, target, args, kwargs):
         return self._call(target, target, args, kwargs)
