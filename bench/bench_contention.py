@@ -45,6 +45,7 @@ from bench.bench_estimator import QUICK as ESTIMATOR_QUICK
 from bench.bench_estimator import _load, build_model, machine_lines, out, section, table
 from examples.digits import load_digits_split
 from tests.harness.zoo import randomized
+from worker.heap import keep_freed_memory
 from worker.shapley import MetricSpec, NeuronGame, load_data, load_model
 from worker.threads import allowed_cores, apply_threads, default_threads
 
@@ -90,6 +91,7 @@ class Job:
 def measure(job: Job) -> dict:
     """Evaluations/s alone and beside the spinning neighbour, best window of each; runs in its own process."""
     threads = apply_threads(job.threads)
+    keep_freed_memory()  # as a job runs (worker/heap.py)
     game = NeuronGame(load_model(job.model), load_data(job.data), MetricSpec("accuracy"), batch_size=job.batch)
     step = engine_step(game, tmab_pass(game))
     alone, busy, loads = [], [], []

@@ -53,6 +53,7 @@ from onnx import numpy_helper
 
 from bench.bench_estimator import _load, machine_lines, out, section, table
 from tests.harness.zoo import MODELS, randomized
+from worker.heap import keep_freed_memory
 from worker.shapley import MetricSpec, NeuronGame, TMABConfig, load_model
 from worker.shapley.data import EvalData
 from worker.shapley.game import Sample
@@ -441,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
         tuple(x for x in (args.profile.split(",") if args.profile is not None else scale.profile) if x),
     )
     threads = apply_threads(args.threads)
+    keep_freed_memory()  # as a job runs (worker/heap.py)
     started = time.monotonic()
     section(f"Engine benchmark ({scale.name} scale)")
     for line in [*machine_lines(), code_line()]:

@@ -42,6 +42,7 @@ from app.jobs.models import Job, JobCheckpoint
 from app.jobs.schemas import Progress as ProgressView
 from app.jobs.spec import JobSpec
 from app.jobs.states import JobState
+from worker.heap import keep_freed_memory
 from worker.shapley import (
     Estimate,
     NeuronGame,
@@ -87,6 +88,7 @@ def run_job(
         log.info("job %s: not claimable (finished, cancelled, deleted or leased by another worker); skipped", job_id)
         return None
     threads = apply_threads(settings.threads)  # before the job's first parallel op (worker/threads.py says why)
+    keep_freed_memory()  # passes reuse their memory instead of faulting in fresh pages (worker/heap.py)
     reporter = _Reporter(job_id, settings, bus, db, lease, should_exit or (lambda: False))
     with lease.kept():
         try:
