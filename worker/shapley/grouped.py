@@ -32,7 +32,11 @@ choice becomes arithmetic: the output is ``bias + Σ_neuron mask ·
 contribution``, so the layer runs once per unsplit group, keeping each
 neuron's contribution apart, and every coalition's output is one matrix
 product of its masks with them, where that costs fewer FLOPs than running the
-layer per split group. Anything else gets the gate applied first.
+layer per split group. At a 2-d convolution, each group runs the layer once
+at its coalitions' most common mask, and every coalition adds the one-channel
+convolutions of the channels it keeps otherwise: a star round's coalitions
+differ from that base in one channel each. Anything else gets the gate
+applied first.
 
 The interpreter handles ops generically, which a model can defeat (a shape
 read through another route, an op mixing examples, an op named like a
