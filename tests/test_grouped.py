@@ -134,6 +134,39 @@ def test_a_star_of_first_layer_flips_runs_the_next_convolution_once_per_batch(di
     assert rows[False] == 14 * game.batch_size and rows[True] == 2 * game.batch_size
 
 
+class StridedDilatedConv(nn.Module):
+    """A second convolution with stride, dilation and padding, whose split (patches × weights) must follow all
+    three: the load-time check forces the split and falls back to undeferred where it differs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2)
+        self.fc = nn.Linear(6 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x))
+        return self.fc(F.relu(self.conv2(h)).flatten(1))
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_a_split_convolution_follows_stride_dilation_and_padding(digits, tmp_path, fmt):
+    x_tr, y_tr, x_te, y_te = digits
+    saved = save(train(seeded(StridedDilatedConv), x_tr, y_tr, epochs=3), x_te[:64], y_te[:64], tmp_path, "sd")
+    game, plain = games(saved, fmt, "mean")
+    assert game.describe()["deferred_gates"]
+    sample = game.sample(torch.Generator().manual_seed(0), 1)
+    star = (torch.rand(game.n_players, generator=torch.Generator().manual_seed(1)) < 0.5).float().expand(5, -1)
+    star = star.clone()
+    for k in range(1, 5):
+        star[k, k - 1] = 1 - star[k, k - 1]  # each conv1 channel flipped in turn
+    lanes = torch.zeros(5, dtype=torch.long)
+    with Rows(torch.ops.aten.conv2d, torch.ops.aten.convolution) as conv:
+        got = game.evaluate(sample, star, lanes)
+    assert torch.allclose(got, plain.evaluate(sample, star, lanes), atol=1e-6)
+    assert conv.rows == game.batch_size  # conv2 once, at the base; the four flips as products
+
+
 class TwoConvs(nn.Module):
     """Two small convolutions and a linear head, for models whose forward defeats one evaluation path."""
 
