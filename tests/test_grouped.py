@@ -156,8 +156,7 @@ def test_a_split_convolution_follows_stride_dilation_and_padding(digits, tmp_pat
     game, plain = games(saved, fmt, "mean")
     assert game.describe()["deferred_gates"]
     sample = game.sample(torch.Generator().manual_seed(0), 1)
-    star = (torch.rand(game.n_players, generator=torch.Generator().manual_seed(1)) < 0.5).float().expand(5, -1)
-    star = star.clone()
+    star = (torch.rand(game.n_players, generator=torch.Generator().manual_seed(1)) < 0.5).float().expand(5, -1).clone()
     for k in range(1, 5):
         star[k, k - 1] = 1 - star[k, k - 1]  # each conv1 channel flipped in turn
     lanes = torch.zeros(5, dtype=torch.long)

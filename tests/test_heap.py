@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
 import pytest
-
-from worker.heap import keep_freed_memory
 
 # Passes as the engine makes them: a chain of activations, each made from the last and freed once the next
 # exists, 1-16 MiB, their size varying from pass to pass (the groups and lanes of a pass do). Prints the minor
@@ -34,7 +33,7 @@ def faults(mode: str) -> int:
     return int(run.stdout.split()[-1])
 
 
-@pytest.mark.skipif(not keep_freed_memory(), reason="the C library is not glibc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the C library is not glibc")
 def test_a_pass_reuses_the_memory_the_last_one_freed():
     default, kept = faults("default"), faults("keep")
     # With glibc's defaults, blocks this size are mapped afresh (or the heap's top trimmed) pass after pass, and

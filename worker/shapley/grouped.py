@@ -227,9 +227,12 @@ class GroupedSuffix(torch.fx.Interpreter):
                 return self._past(name, fn, args[0], args[1:], kwargs)
             if name in _SHAPE_READS:
                 return fn(args[0].x.t, *args[1:], **kwargs)
-            splits: dict[str, Callable[..., _Grouped | None]] = {"linear": self._linear, "conv2d": self._conv2d}
-            split = splits.get(name)
-            if split is not None and (out := split(fn, *args, **kwargs)) is not None:
+            out = None
+            if name == "linear":
+                out = self._linear(*args, **kwargs)
+            elif name == "conv2d":
+                out = self._conv2d(fn, *args, **kwargs)
+            if out is not None:
                 if self.checking and not self._same(out, self._generic(fn, args, kwargs)):
                     raise ValueError(f"a {name} layer split by neuron differs from the layer run after its gate")
                 return out
@@ -287,12 +290,11 @@ class GroupedSuffix(torch.fx.Interpreter):
             raise ValueError(f"{name} moves values between examples")  # grouped_suffix falls back
         return _Deferred(_Grouped(t, d.x.key, d.x.groups), aux, d.gate)
 
-    def _linear(self, _fn, d: _Deferred, weight: torch.Tensor, bias: torch.Tensor | None = None) -> _Grouped | None:
+    def _linear(self, d: _Deferred, weight: torch.Tensor, bias: torch.Tensor | None = None) -> _Grouped | None:
         """A linear layer right after a deferred gate, as ``bias + Σ_neuron mask · contribution``: the layer
         runs once per group of its input, split by the gate's neuron, and each refined group's output is one
         matrix product of its masks with those contributions. ``None`` where that does not pay (or the
-        layer's input is not laid out neuron by neuron): the caller applies the gate and runs the layer. ``_fn``
-        (the layer's op) is unused: the signature is the one :meth:`_conv2d` needs."""
+        layer's input is not laid out neuron by neuron): the caller applies the gate and runs the layer."""
         x, fill, neuron, n = d.x.t, d.aux[0], d.aux[1], d.gate.size
         if (
             x.ndim != 2
