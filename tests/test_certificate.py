@@ -17,7 +17,7 @@ import torch
 from worker.shapley import TMABConfig
 from worker.shapley.bounds import UNION_CONSTANT, half_widths, union_weight
 from worker.shapley.stats import PlayerStats
-from worker.shapley.tmab import PairBounds, undecided
+from worker.shapley.tmab import PAIR_SLOTS, PairBounds, pair_weight, undecided
 
 RUNS, PLAYERS, SAMPLES, DELTA = 400, 25, 600, 0.2
 TRUE_MEAN = -0.2 + 0.3
@@ -72,6 +72,17 @@ def test_union_weights_sum_to_less_than_one():
     n = torch.arange(2, 10**6 + 1, dtype=torch.float64)
     tail = 1.0 / (UNION_CONSTANT * math.log(10**6))  # ∫_N^∞ dx / (C x ln² x), above the sum of the rest
     assert float(union_weight(n).sum()) + tail < 1.0
+
+
+def test_pair_weights_sum_to_less_than_one_and_favour_the_first_slots():
+    """The pairs' error level is spent at most once however many pairs are opened: half evenly over the first
+    PAIR_SLOTS (which the bandit gives to the closest pairs), the rest over later ones, each below a first slot's."""
+    count = 10**6
+    weights = pair_weight(count)
+    tail = 0.5 * math.log(PAIR_SLOTS + 1) / math.log(count + 1)  # the late half's tail, by the integral as above
+    assert float(weights.sum()) + tail < 1.0
+    first, late = weights[:PAIR_SLOTS], weights[PAIR_SLOTS:]
+    assert torch.all(first == first[0]) and float(late.max()) < float(first[0])
 
 
 def _edge_intervals(generator: torch.Generator, values: torch.Tensor, widest: float):

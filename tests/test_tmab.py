@@ -176,6 +176,26 @@ def test_pair_intervals_settle_a_near_tie_of_correlated_players_sooner(monkeypat
     assert with_pairs.iterations * 4 < without.iterations
 
 
+def test_the_closest_pairs_get_the_first_slots():
+    """The first pairs opened get the largest share of δ, so a round that opens many gives them to the pairs
+    whose means are closest, the ones a pair interval is for (a pair far apart is settled by the players' own
+    intervals): checked on the checkpoint of the round that first opens pairs, with the statistics they were
+    ordered by."""
+    game = NoisyAdditiveGame(torch.linspace(0, 1, 16) ** 2, noise=0.3)
+    first_opened: list[tmab._State] = []
+
+    def on_progress(progress):
+        state = tmab._State.from_bytes(progress.checkpoint())
+        if len(state.pairs) and not first_opened:
+            first_opened.append(state)
+
+    run_tmab(game, TMABConfig(mode="top", top_k=8, max_iterations=400, seed=3), on_progress=on_progress)
+    (state,) = first_opened
+    mean = state.stats.mean
+    gaps = (mean[state.pairs[:, 0]] - mean[state.pairs[:, 1]]).abs()
+    assert len(gaps) >= 4 and torch.all(gaps[1:] >= gaps[:-1])
+
+
 def test_interrupted_and_resumed_equals_uninterrupted():
     game = NoisyAdditiveGame(torch.linspace(-1, 1, 30), noise=0.5)
     cfg = TMABConfig(mode="top", top_k=3, max_iterations=80, seed=5, lanes=4)
