@@ -45,9 +45,9 @@ from bench.bench_estimator import QUICK as ESTIMATOR_QUICK
 from bench.bench_estimator import _load, build_model, machine_lines, out, section, table
 from examples.digits import load_digits_split
 from tests.harness.zoo import randomized
-from worker.heap import keep_freed_memory
+from worker.process import prepare_process
 from worker.shapley import MetricSpec, NeuronGame, load_data, load_model
-from worker.threads import allowed_cores, apply_threads, default_threads
+from worker.threads import allowed_cores, default_threads
 
 TARGET = 2.5  # busy no worse than this many times slower than alone (issue 14, item 5)
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,8 +90,7 @@ class Job:
 
 def measure(job: Job) -> dict:
     """Evaluations/s alone and beside the spinning neighbour, best window of each; runs in its own process."""
-    threads = apply_threads(job.threads)
-    keep_freed_memory()  # as a job runs (worker/heap.py)
+    threads = prepare_process(job.threads)  # as a job runs
     game = NeuronGame(load_model(job.model), load_data(job.data), MetricSpec("accuracy"), batch_size=job.batch)
     step = engine_step(game, tmab_pass(game))
     alone, busy, loads = [], [], []

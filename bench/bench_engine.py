@@ -53,11 +53,10 @@ from onnx import numpy_helper
 
 from bench.bench_estimator import _load, machine_lines, out, section, table
 from tests.harness.zoo import MODELS, randomized
-from worker.heap import keep_freed_memory
+from worker.process import prepare_process
 from worker.shapley import MetricSpec, NeuronGame, TMABConfig, load_model
 from worker.shapley.data import EvalData
 from worker.shapley.game import Sample
-from worker.threads import apply_threads
 
 SIZES = (32, 64, 96, 112, 128, 160, 224)  # image sizes tried, smallest first
 LABELS = {
@@ -441,8 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         scale.max_size,
         tuple(x for x in (args.profile.split(",") if args.profile is not None else scale.profile) if x),
     )
-    threads = apply_threads(args.threads)
-    keep_freed_memory()  # as a job runs (worker/heap.py)
+    threads = prepare_process(args.threads)  # as a job runs
     started = time.monotonic()
     section(f"Engine benchmark ({scale.name} scale)")
     for line in [*machine_lines(), code_line()]:

@@ -125,9 +125,8 @@ import torch
 
 from bench.peers import APPROXIMATORS, captum_first_correct, shapiq_first_correct, shapiq_version
 from examples.digits import DigitsCNN, WideDigitsCNN, export_pt2, load_digits_split, save_eval_npz, train
-from worker.heap import keep_freed_memory
+from worker.process import prepare_process
 from worker.shapley import MetricSpec, NeuronGame, TMABConfig, load_data, load_model, run_tmab
-from worker.threads import apply_threads
 
 K = 10  # top-k
 TOL = 0.005  # a returned neuron is acceptable if within TOL of the reference's k-th value
@@ -1085,8 +1084,7 @@ def main(argv: list[str] | None = None) -> None:
     kinds = [k for k in ("digits", "wide") if k in args.models.split(",")]
     scale = QUICK if args.quick else FULL
     started = time.monotonic()
-    apply_threads(None)  # the service's threads (the module docstring's 'Clock' says why)
-    keep_freed_memory()  # as a job runs (worker/heap.py)
+    prepare_process(None)  # the service's threads (the module docstring's 'Clock' says why) and heap
 
     section(f"Estimator benchmark ({scale.name} scale)")
     for line in machine_lines():

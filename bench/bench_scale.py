@@ -56,11 +56,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.bench_engine import LABELS, code_line
 from bench.bench_estimator import _load, machine_lines, out, section, table
 from tests.harness.zoo import randomized
-from worker.heap import keep_freed_memory
+from worker.process import prepare_process
 from worker.shapley import Estimate, MetricSpec, NeuronGame, TMABConfig, load_model, run_tmab
 from worker.shapley.data import EvalData
 from worker.shapley.tmab import PassProgress, Progress
-from worker.threads import apply_threads
 
 TOP_K_GPU = 100  # the top-k of the run on an Inception-sized network
 
@@ -451,8 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     scale = QUICK if args.quick else FULL
     scale = replace(scale, cap_s=args.cap_s or scale.cap_s, top100_cap_s=args.top100_cap_s or scale.top100_cap_s)
     wanted = args.device or ("cuda" if torch.cuda.is_available() else "cpu" if args.quick else None)
-    threads = apply_threads(None)
-    keep_freed_memory()  # as a job runs (worker/heap.py)
+    threads = prepare_process(None)  # as a job runs
     started = time.monotonic()
     section(f"Scale benchmark ({scale.name} scale)")
     for line in [*machine_lines(), code_line()]:

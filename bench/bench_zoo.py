@@ -57,13 +57,11 @@ def measure(name: str, budget: float, examples: int) -> dict:
     import torch
 
     from tests.harness.zoo import randomized, shipped
-    from worker.heap import keep_freed_memory
+    from worker.process import prepare_process
     from worker.shapley import MetricSpec, NeuronGame, TMABConfig, load_model, run_tmab
     from worker.shapley.data import EvalData
-    from worker.threads import apply_threads
 
-    apply_threads(None)  # as a job gets it
-    keep_freed_memory()  # as a job runs (worker/heap.py)
+    prepare_process(None)  # as a job runs
     row: dict = {"name": name, "threads": torch.get_num_threads()}
     try:
         load_model(shipped(name))

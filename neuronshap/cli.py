@@ -304,12 +304,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     started_at = time.monotonic()  # --max-seconds counts from here: importing torch, loading and building included
     job_spec = _spec_from_options(args)
     _check_files(args)
+    from worker.process import prepare_process
     from worker.shapley import ranked_neurons, run_summary, run_tmab  # torch loads here, once the input is known good
     from worker.shapley.report import no_evidence_message
-    from worker.threads import apply_threads
     from worker.translate import OutOfTime, build_game
 
-    apply_threads(args.threads if args.threads is not None else get_settings().threads)  # before any parallel op
+    prepare_process(args.threads if args.threads is not None else get_settings().threads)  # before any parallel op
     try:
         memory_mb = args.activation_memory_mb or get_settings().activation_memory_mb
         game, config = build_game(

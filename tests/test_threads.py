@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = (
     "import dataclasses, json, torch\n"
     "from app.core.config import get_settings\n"
-    "from worker.threads import apply_threads\n"
-    "t = apply_threads(get_settings().threads)\n"
+    "from worker.process import prepare_process\n"
+    "t = prepare_process(get_settings().threads)\n"
     "torch_threads = [torch.get_num_threads(), torch.get_num_interop_threads()]\n"
     "print(json.dumps({'threads': dataclasses.asdict(t), 'torch': torch_threads}))\n"
 )

@@ -40,11 +40,10 @@ from app.jobs.models import Job, JobNeuron
 from app.jobs.schemas import Neuron
 from app.jobs.service import _forget_blob
 from app.jobs.states import JobState
-from worker.heap import keep_freed_memory
+from worker.process import prepare_process
 from worker.runner import ERROR_TYPES, _build, _in, _Patience, job_files, worker_identity
 from worker.shapley import EditError, UserInputError, load_data, run_edit
 from worker.shapley.onnx_export import edited_onnx
-from worker.threads import apply_threads
 from worker.upload_names import link
 
 log = logging.getLogger(__name__)
@@ -65,8 +64,7 @@ def run_edit_job(
     if edit is None:
         log.info("edit %s: not claimable (finished, deleted or leased by another worker); skipped", edit_id)
         return None
-    apply_threads(settings.threads)
-    keep_freed_memory()
+    prepare_process(settings.threads)
     store = BlobStore(settings.resolved_blob_dir)
     with _renewed(db, lease) as lost:
         try:

@@ -19,10 +19,9 @@ free at its top before it gives any back. A worker's memory then stays near
 its peak between passes, which the pass budget (half the machine) already
 allows for. Blocks over 32 MiB are still mapped per pass.
 
-Set once per process where a job runs, beside its threads
-(:func:`worker.runner.run_job`, :func:`worker.edit_runner.run_edit_job`), and by
-the benchmarks, so that they measure what a worker does. A C library other
-than glibc is left as it is.
+Set once per process where a job runs, beside its threads, by
+:func:`worker.process.prepare_process` (which says where that is). A C library
+other than glibc is left as it is.
 """
 
 from __future__ import annotations

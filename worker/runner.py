@@ -42,7 +42,7 @@ from app.jobs.models import Job, JobCheckpoint
 from app.jobs.schemas import Progress as ProgressView
 from app.jobs.spec import JobSpec
 from app.jobs.states import JobState
-from worker.heap import keep_freed_memory
+from worker.process import prepare_process
 from worker.shapley import (
     Estimate,
     NeuronGame,
@@ -58,7 +58,6 @@ from worker.shapley.errors import DataError, ModelError, SpecError
 from worker.shapley.report import eta_s as _eta
 from worker.shapley.report import no_evidence_message
 from worker.shapley.tmab import PassProgress
-from worker.threads import apply_threads
 from worker.translate import OutOfTime, build_game
 from worker.upload_names import link
 
@@ -87,8 +86,7 @@ def run_job(
     if job is None:
         log.info("job %s: not claimable (finished, cancelled, deleted or leased by another worker); skipped", job_id)
         return None
-    threads = apply_threads(settings.threads)  # before the job's first parallel op (worker/threads.py says why)
-    keep_freed_memory()  # passes reuse their memory instead of faulting in fresh pages (worker/heap.py)
+    threads = prepare_process(settings.threads)  # before the job's first parallel op (worker/process.py)
     reporter = _Reporter(job_id, settings, bus, db, lease, should_exit or (lambda: False))
     with lease.kept():
         try:

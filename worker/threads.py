@@ -15,9 +15,8 @@ cores are the process's CPU affinity (what a container's cpuset or
 ``taskset`` gives it), capped by a cgroup CPU quota (``docker run --cpus``)
 when there is one, not the machine's count.
 
-Set once per process, where a job runs (:func:`worker.runner.run_job`, so the
-Celery worker and the embedded queue alike, and ``neuronshap estimate``),
-before the job's first parallel op: torch fixes its inter-op pool at its first
+Set once per process, where a job runs (by :func:`worker.process.prepare_process`,
+which says where that is), before the job's first parallel op: torch fixes its inter-op pool at its first
 use, after which :func:`torch.set_num_interop_threads` refuses. torch is
 imported inside :func:`apply_threads` only, so that importing this module
 loads nothing heavy.
