@@ -43,15 +43,16 @@ class PlayerStats:
         )
 
     def add(self, players: torch.Tensor, marginals: torch.Tensor, reached: torch.Tensor) -> None:
-        """Record one marginal per listed player (each player at most once per call); ``reached`` (bool) marks
-        the marginals that were measured rather than set to 0 by truncation."""
+        """Record one marginal per entry of ``players``, which may list a player more than once (a round's lanes
+        in one call, summed in their order); ``reached`` (bool) marks the marginals that were measured rather
+        than set to 0 by truncation."""
         marginals = marginals.to(torch.float64)
         self.count.index_add_(0, players, torch.ones_like(players))
         self.informative.index_add_(0, players, reached.to(torch.int64))
         self.total.index_add_(0, players, marginals)
         self.total_sq.index_add_(0, players, marginals * marginals)
-        self.low[players] = torch.minimum(self.low[players], marginals)
-        self.high[players] = torch.maximum(self.high[players], marginals)
+        self.low.scatter_reduce_(0, players, marginals, "amin")
+        self.high.scatter_reduce_(0, players, marginals, "amax")
 
     def merge(self, other: PlayerStats) -> PlayerStats:
         return PlayerStats(

@@ -503,13 +503,14 @@ class _Runner:
                 )
 
         st = self.state
+        players, marginals, reached = zip(*(w.marginals() for w in walks), strict=True)
+        st.stats.add(torch.cat(players), torch.cat(marginals), torch.cat(reached))  # the lanes in order, at once
         pair_columns = self._pair_columns(active) if star else None
+        if pair_columns is not None:  # each star's difference of marginals for every pair it sampled both of
+            both, a, b = pair_columns
+            diffs = torch.cat([m[a] - m[b] for m in marginals])
+            st.pair_stats.add(both.repeat(len(walks)), diffs, torch.ones_like(diffs, dtype=torch.bool))
         for w in walks:
-            players, marginals, reached = w.marginals()
-            st.stats.add(players, marginals, reached)
-            if pair_columns is not None:  # a star's difference of marginals for every pair it sampled both of
-                both, a, b = pair_columns
-                st.pair_stats.add(both, marginals[a] - marginals[b], torch.ones_like(both, dtype=torch.bool))
             if isinstance(w, _Walk):
                 st.v_full_sum += w.v_full
                 st.v_empty_sum += w.v_empty
